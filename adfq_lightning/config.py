@@ -1,0 +1,175 @@
+"""``ADFQConfig``: every knob of the method in one serialisable dataclass, plus the baseline presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from fnmatch import fnmatchcase
+from typing import Literal, Optional
+
+from .quantizers import (
+    AdaRoundQuantizer,
+    LogSqrt2Quantizer,
+    PerPatchOutlierQuantizer,
+    Quantizer,
+    ShiftLog2Quantizer,
+    UniformQuantizer,
+    check_bits,
+)
+
+Method = Literal["adfq", "minmax", "percentile"]
+#: Where an activation quantizer sits; decides which quantizer ADFQ puts there.
+Role = Literal["qkv_input", "fc1_input", "fc2_input", "proj_input", "q", "k", "v", "attn_probs", "input"]
+
+
+def _default_overrides() -> dict[str, dict[str, int]]:
+    # Patch embedding and classifier stay at 8 bits, as in the reference code and most PTQ papers.
+    eight = {"w_bits": 8, "a_bits": 8}
+    return {"patch_embed.*": dict(eight), "head": dict(eight), "head.*": dict(eight), "head_dist": dict(eight)}
+
+
+@dataclass
+class ADFQConfig:
+    """How to quantize a ViT and how to reconstruct it.
+
+    Args:
+        w_bits: weight bits (2-8), every Linear/Conv unless ``overrides`` says otherwise.
+        a_bits: activation bits (2-8).
+        method: ``adfq``; or a baseline: ``minmax`` / ``percentile`` (per-tensor uniform for every tensor,
+            no reconstruction).
+        ppoq: Per-Patch Outlier-aware Quantizer on the qkv and fc1 inputs (else per-tensor uniform).
+        qkv_outlier_threshold / fc1_outlier_threshold: |x| above which PPOQ keeps full precision.
+        slq: Shift-Log2 Quantizer on the fc2 input (else per-tensor uniform).
+        slq_base: ``sqrt2`` (reference) or ``2`` levels for SLQ.
+        log_softmax: log-sqrt(2) quantizer on the attention probabilities (else per-tensor uniform).
+        percentile: clipping percentile of the ``percentile`` baseline.
+        overrides: ``{fnmatch pattern on the module name: {"w_bits": .., "a_bits": ..}}``; the last match wins.
+        init_samples: calibration images used to initialise activation quantizers.
+        reconstruct: run ASMO (module-wise reconstruction) after initialisation.
+        iters / batch_size: reconstruction iterations per module and images per iteration.
+        rounding_lr / scale_lr: Adam learning rates of the AdaRound variables and of activation step sizes
+            (the latter with cosine decay to 0 over ``iters``).
+        rounding_weight / beta_start / beta_end / warmup: AdaRound regulariser weight, annealed exponent and
+            the fraction of iterations before the regulariser starts.
+        attn_kl: add the attention-score KL term for attention modules.
+        kl_temperature / kl_lambda: temperature T; the term enters the loss as ``KL / kl_lambda``.
+        qdrop_prob: probability of keeping each element of the quantized-prefix input (QDrop); the rest comes
+            from the full-precision prefix. 1.0 disables mixing.
+        rec_p: exponent of the Lp output reconstruction loss.
+        cache_device: where the calibration cache lives (``cpu`` or an accelerator); None = model's device.
+        seed: seeds every random choice of reconstruction.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    method: Method = "adfq"
+    ppoq: bool = True
+    qkv_outlier_threshold: float = 5.0
+    fc1_outlier_threshold: float = 5.0
+    slq: bool = True
+    slq_base: Literal["sqrt2", "2"] = "sqrt2"
+    log_softmax: bool = True
+    percentile: float = 0.9999
+    overrides: dict[str, dict[str, int]] = field(default_factory=_default_overrides)
+    init_samples: int = 256
+    reconstruct: bool = True
+    iters: int = 3000
+    batch_size: int = 32
+    rounding_lr: float = 3e-3
+    scale_lr: float = 4e-5
+    rounding_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    attn_kl: bool = True
+    kl_temperature: float = 4.0
+    kl_lambda: float = 0.1
+    qdrop_prob: float = 0.5
+    rec_p: float = 2.0
+    cache_device: Optional[str] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        if self.method not in ("adfq", "minmax", "percentile"):
+            raise ValueError(f"method={self.method!r}: use 'adfq', 'minmax' or 'percentile'.")
+        for name in ("qkv_outlier_threshold", "fc1_outlier_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive number (the reference uses 5 or 10).")
+        for pattern, bits in self.overrides.items():
+            unknown = set(bits) - {"w_bits", "a_bits"}
+            if unknown:
+                raise ValueError(f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}: use w_bits and a_bits.")
+            for key, value in bits.items():
+                check_bits(value, f"overrides[{pattern!r}][{key!r}]")
+        positive = {"iters": self.iters, "batch_size": self.batch_size, "init_samples": self.init_samples}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if not 0.0 < self.qdrop_prob <= 1.0:
+            raise ValueError(f"qdrop_prob={self.qdrop_prob!r} must be in (0, 1].")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup={self.warmup!r} must be in [0, 1).")
+        if self.kl_temperature <= 0 or self.kl_lambda <= 0:
+            raise ValueError("kl_temperature and kl_lambda must be positive.")
+
+    # -- presets ----------------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **changes) -> "ADFQConfig":
+        """``adfq`` (the method), ``adfq_init`` (ADFQ quantizers, no reconstruction), ``minmax``, ``percentile``."""
+        presets = {
+            "adfq": {},
+            "adfq_init": {"reconstruct": False},
+            "minmax": {"method": "minmax", "reconstruct": False},
+            "percentile": {"method": "percentile", "reconstruct": False},
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}: choose from {sorted(presets)}.")
+        return cls(**{**presets[name], **changes})
+
+    def replace(self, **changes) -> "ADFQConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # -- quantizer factory ------------------------------------------------------------------------------------
+    def bits_for(self, module_name: str) -> tuple[int, int]:
+        """(weight bits, activation bits) of a module, after ``overrides``."""
+        w_bits, a_bits = self.w_bits, self.a_bits
+        for pattern, bits in self.overrides.items():
+            if fnmatchcase(module_name, pattern):
+                w_bits, a_bits = bits.get("w_bits", w_bits), bits.get("a_bits", a_bits)
+        return w_bits, a_bits
+
+    def _baseline_search(self) -> str:
+        return "minmax" if self.method == "minmax" else "percentile"
+
+    def weight_quantizer(self, module_name: str) -> AdaRoundQuantizer:
+        bits = self.bits_for(module_name)[0]
+        if self.method == "adfq":
+            q = AdaRoundQuantizer(bits, granularity="channel", search="mse")
+        else:
+            q = AdaRoundQuantizer(bits, granularity="tensor", search=self._baseline_search(), percentile=self.percentile)
+        q.name = f"{module_name}.weight"
+        return q
+
+    def activation_quantizer(self, module_name: str, role: Role) -> Quantizer:
+        """The quantizer for one activation tensor, chosen by where it sits (the method's table)."""
+        bits = self.bits_for(module_name)[1]
+        q: Quantizer
+        if self.method != "adfq":
+            q = UniformQuantizer(bits, search=self._baseline_search(), percentile=self.percentile)
+        elif role in ("qkv_input", "fc1_input") and self.ppoq:
+            threshold = self.qkv_outlier_threshold if role == "qkv_input" else self.fc1_outlier_threshold
+            q = PerPatchOutlierQuantizer(bits, threshold=threshold)
+        elif role == "fc2_input" and self.slq:
+            q = ShiftLog2Quantizer(bits, base=self.slq_base)
+        elif role == "attn_probs" and self.log_softmax:
+            q = LogSqrt2Quantizer(bits)
+        else:
+            q = UniformQuantizer(bits, search="mse")
+        q.name = f"{module_name}.{role}"
+        return q

@@ -1,0 +1,23 @@
+"""Quantized modules for timm ViT/DeiT/Swin and the float -> quantized registry."""
+
+from .attention import AttentionScores, QuantAttention
+from .linear import QuantConv2d, QuantLinear
+from .matmul import QuantMatMul
+from .mlp import QuantMlp
+from .registry import QUANTIZED_MODULES, UnsupportedModuleError, convert, is_quantized, register
+from .window_attention import QuantWindowAttention
+
+__all__ = [
+    "AttentionScores",
+    "QUANTIZED_MODULES",
+    "QuantAttention",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantMatMul",
+    "QuantMlp",
+    "QuantWindowAttention",
+    "UnsupportedModuleError",
+    "convert",
+    "is_quantized",
+    "register",
+]

@@ -1,0 +1,70 @@
+"""Quantized ViT/DeiT attention with an explicit (non-SDPA) score path so the softmax can be quantized."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+from ..config import ADFQConfig
+from .linear import QuantLinear
+from .matmul import QuantMatMul
+from .registry import UnsupportedModuleError, register
+
+
+class AttentionScores(nn.Module):
+    """Shared score bookkeeping of the quantized attentions.
+
+    With ``record_scores`` on, the pre-softmax scores of the last call are kept in ``scores`` (softmax them
+    for the probabilities) so that a reconstruction loss can read them without changing what the module
+    returns.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_scores = False
+        self.scores: Optional[torch.Tensor] = None
+
+    def _build_products(self, config: ADFQConfig, name: str) -> None:
+        act = config.activation_quantizer
+        self.matmul_qk = QuantMatMul(act(name, "q"), act(name, "k"))
+        self.matmul_av = QuantMatMul(act(name, "attn_probs"), act(name, "v"))
+
+    def _probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        self.scores = scores if self.record_scores else None
+        return scores.softmax(dim=-1)
+
+
+@register(Attention)
+class QuantAttention(AttentionScores):
+    """timm ``vision_transformer.Attention`` (ViT, DeiT), same signature ``(x, attn_mask, is_causal)``."""
+
+    def __init__(self, attn: Attention, config: ADFQConfig, name: str) -> None:
+        super().__init__()
+        if attn.gate is not None:
+            raise UnsupportedModuleError(f"{name}: gated timm Attention is not supported by the quantized wrapper.")
+        self.num_heads, self.head_dim, self.attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
+        self.scale = attn.scale
+        self.qkv = QuantLinear(attn.qkv, config, f"{name}.qkv", role="qkv_input")
+        self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, attn.norm
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+        self.proj = QuantLinear(attn.proj, config, f"{name}.proj", role="proj_input")
+        self._build_products(config, name)
+
+    @classmethod
+    def from_float(cls, module: Attention, config: ADFQConfig, name: str) -> "QuantAttention":
+        return cls(module, config, name)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        scores = self.matmul_qk(q * self.scale, k.transpose(-2, -1))
+        scores = maybe_add_mask(scores, resolve_self_attn_mask(N, scores, attn_mask, is_causal))
+        attn = self.attn_drop(self._probabilities(scores))
+        x = self.matmul_av(attn, v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))

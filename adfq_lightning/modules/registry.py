@@ -1,0 +1,82 @@
+"""The float -> quantized module registry and the model conversion that uses it."""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+from torch import nn
+
+from ..config import ADFQConfig
+
+T = TypeVar("T", bound=type)
+
+#: float class -> quantized class. Exact types: a subclass may change ``forward`` and must be registered itself.
+QUANTIZED_MODULES: dict[type, type] = {}
+
+
+class UnsupportedModuleError(TypeError):
+    """A model holds a module the quantized wrappers cannot reproduce faithfully."""
+
+
+def register(float_cls: type) -> Callable[[T], T]:
+    """Class decorator: quantize every ``float_cls`` module with the decorated class.
+
+    The quantized class needs ``from_float(module, config, name)`` returning the replacement module. Use it
+    to support your own attention variant::
+
+        @adfq_lightning.register(MyAttention)
+        class QuantMyAttention(nn.Module): ...
+    """
+
+    def decorator(quant_cls: T) -> T:
+        if not callable(getattr(quant_cls, "from_float", None)):
+            raise TypeError(f"{quant_cls.__name__} needs a classmethod from_float(module, config, name).")
+        QUANTIZED_MODULES[float_cls] = quant_cls
+        return quant_cls
+
+    return decorator
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return type(module) in QUANTIZED_MODULES.values()
+
+
+def _unsupported_attention(model: nn.Module) -> list[str]:
+    """Attention-like modules left in float: their scores would silently escape quantization."""
+    return [
+        f"{name} ({type(m).__module__}.{type(m).__qualname__})"
+        for name, m in model.named_modules()
+        if "attention" in type(m).__name__.lower() and not is_quantized(m) and any(True for _ in m.parameters())
+    ]
+
+
+def convert(model: nn.Module, config: ADFQConfig) -> nn.Module:
+    """Swap every registered float module of ``model`` (in place) for its quantized counterpart."""
+    found = _convert_children(model, config, prefix="")
+    if not found:
+        supported = ", ".join(sorted(f"{c.__module__}.{c.__qualname__}" for c in QUANTIZED_MODULES))
+        raise UnsupportedModuleError(
+            f"{type(model).__name__} has no module adfq-lightning can quantize (supported: {supported}). "
+            "Pass a timm ViT/DeiT/Swin, or register a quantized class with adfq_lightning.register()."
+        )
+    leftovers = _unsupported_attention(model)
+    if leftovers:
+        raise UnsupportedModuleError(
+            "these attention modules have no quantized wrapper: " + "; ".join(leftovers) + ". Supported are timm's "
+            "vision_transformer.Attention and swin_transformer.WindowAttention; register a quantized class for "
+            "this variant with adfq_lightning.register(<its class>)."
+        )
+    return model
+
+
+def _convert_children(module: nn.Module, config: ADFQConfig, prefix: str) -> int:
+    count = 0
+    for child_name, child in module.named_children():
+        name = f"{prefix}{child_name}"
+        quant_cls = QUANTIZED_MODULES.get(type(child))
+        if quant_cls is not None:
+            setattr(module, child_name, quant_cls.from_float(child, config, name))
+            count += 1
+        elif not is_quantized(child):
+            count += _convert_children(child, config, prefix=f"{name}.")
+    return count

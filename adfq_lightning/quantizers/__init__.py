@@ -1,0 +1,20 @@
+"""Fake-quantizers: pure PyTorch modules, no Lightning inside."""
+
+from .adaround import AdaRoundQuantizer
+from .base import Quantizer, calibrating, check_bits, round_ste
+from .log2 import LogQuantizer, LogSqrt2Quantizer, ShiftLog2Quantizer
+from .per_patch import PerPatchOutlierQuantizer
+from .uniform import UniformQuantizer
+
+__all__ = [
+    "AdaRoundQuantizer",
+    "LogQuantizer",
+    "LogSqrt2Quantizer",
+    "PerPatchOutlierQuantizer",
+    "Quantizer",
+    "ShiftLog2Quantizer",
+    "UniformQuantizer",
+    "calibrating",
+    "check_bits",
+    "round_ste",
+]

@@ -1,0 +1,79 @@
+"""Logarithmic quantizers: log-sqrt(2) for softmax probabilities, Shift-Log2 for post-GELU activations."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .base import Quantizer, quantile
+
+Base = Literal["sqrt2", "2"]
+
+#: Candidate top levels (as quantiles of the data) tried when calibrating the step.
+TOP_QUANTILES = (0.999, 0.9999, 0.99999, 1.0)
+
+
+class LogQuantizer(Quantizer):
+    """Quantize non-negative values to ``delta * base**-k``, ``k = 0 .. 2**bits - 1``, plus an exact zero.
+
+    Levels are dense near zero, where most softmax and GELU mass lies. ``delta`` (the top level) is
+    learnable; the integer exponent is detached and the input gradient passes straight through.
+    With ``shift=True`` a constant found at calibration (minus the smallest value seen, e.g. about 0.17
+    after GELU) makes every value positive before quantization and is subtracted again afterwards: one
+    fixed offset, not a per-batch minimum, so it can be folded on hardware.
+    """
+
+    def __init__(self, bits: int, base: Base = "sqrt2", shift: bool = False) -> None:
+        super().__init__(bits)
+        if base not in ("sqrt2", "2"):
+            raise ValueError(f"log base={base!r}: use 'sqrt2' or '2'.")
+        self.base = base
+        self.use_shift = shift
+        self.delta = nn.Parameter(torch.ones(()))
+        self.register_buffer("shift", torch.zeros(()))
+
+    @property
+    def _steps_per_octave(self) -> int:
+        return 2 if self.base == "sqrt2" else 1
+
+    def _levels_of(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        m = self._steps_per_octave
+        k = (-(y.clamp(min=1e-30) / delta).log2() * m).round().detach()
+        return torch.where(k >= self.levels, torch.zeros_like(y), delta * torch.exp2(-k.clamp(0, self.levels - 1) / m))
+
+    def init_from(self, x: torch.Tensor) -> None:
+        if self.use_shift:
+            self.shift.fill_(max(0.0, -float(x.min())))
+        elif float(x.min()) < 0:
+            raise ValueError(f"{self.name}: log quantization without shift needs non-negative inputs.")
+        y = (x + self.shift).reshape(1, -1)
+        best, best_err = None, None
+        for q in TOP_QUANTILES:
+            delta = quantile(y, q, 1)[0].clamp(min=1e-8)
+            err = (self._levels_of(y, delta) - y).pow(2).mean()
+            if best_err is None or err < best_err:
+                best, best_err = delta, err
+        self.delta.data = best.to(self.delta.dtype)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.shift
+        return self._levels_of(y, self.delta.abs().clamp(min=1e-8)) - self.shift + (x - x.detach())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, base={self.base}, shift={self.use_shift}"
+
+
+class LogSqrt2Quantizer(LogQuantizer):
+    """log-sqrt(2) quantizer for post-softmax attention probabilities (values in [0, 1])."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__(bits, base="sqrt2", shift=False)
+
+
+class ShiftLog2Quantizer(LogQuantizer):
+    """Shift-Log2 Quantizer (SLQ) for post-GELU activations: shift positive, log-quantize, shift back."""
+
+    def __init__(self, bits: int, base: Base = "sqrt2") -> None:
+        super().__init__(bits, base=base, shift=True)

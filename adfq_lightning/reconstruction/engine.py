@@ -1,0 +1,318 @@
+"""ASMO: calibrate and reconstruct a converted ViT one module at a time on a carried-forward cache.
+
+The engine is plain PyTorch so that ``quantize()``, the Lightning callback and the reconstruction
+LightningModule all run the same code. Each rank holds only its shard of the calibration images; every
+random choice is drawn per *global* sample id from a seeded generator, and each rank's loss is its part of
+the global batch mean, so summing gradients over ranks reproduces the single-process run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..config import ADFQConfig
+from ..distributed import all_gather_cat, all_reduce_sum, world
+from ..modules import AttentionScores
+from ..quantizers import AdaRoundQuantizer, PerPatchOutlierQuantizer, Quantizer, calibrating
+from .losses import attention_kl, cosine_lr, output_loss, rounding_beta
+from .units import build_units, run_until
+
+CHUNK = 64  # samples per forward pass while building the cache
+
+
+@dataclass
+class Stage:
+    """One reconstruction target: its place in the unit chain and what was measured on it."""
+
+    name: str
+    unit: int
+    module: nn.Module
+    stats: dict = field(default_factory=dict)
+
+
+def set_quantization(module: nn.Module, enabled: bool) -> None:
+    """Switch every quantizer in ``module`` on (quantized behaviour) or off (exact float behaviour)."""
+    for q in module.modules():
+        if isinstance(q, Quantizer):
+            q.enabled = enabled
+
+
+def _learnable(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(AdaRound variables, activation step sizes) inside ``module``."""
+    rounding = [q.alpha for q in module.modules() if isinstance(q, AdaRoundQuantizer)]
+    steps = [p for q in module.modules() if isinstance(q, Quantizer) for p in q.step_sizes()]
+    return rounding, steps
+
+
+def _batched(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    for i in range(0, x.shape[0], CHUNK):
+        yield x[i : i + CHUNK]
+
+
+def _per_sample(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(n*k, ...) as (n, k, ...): windows of one image stay together."""
+    return t.reshape(n, -1, *t.shape[1:])
+
+
+class Reconstructor:
+    """Walks the stages of a converted model: cache inputs, calibrate, optionally reconstruct, carry forward.
+
+    Args:
+        model: a model already passed through :func:`adfq_lightning.modules.convert`, in eval mode.
+        images: this rank's calibration images.
+        sample_ids: global id of each local image (0..num_samples-1), identical across any sharding.
+        num_samples: size of the global calibration set.
+    """
+
+    def __init__(self, model: nn.Module, config: ADFQConfig, images: torch.Tensor, sample_ids: torch.Tensor,
+                 num_samples: int, device: Optional[torch.device] = None) -> None:
+        self.model, self.config = model, config
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.cache_device = torch.device(config.cache_device) if config.cache_device else self.device
+        self.images = images.to(self.cache_device, torch.float32)
+        self.sample_ids = sample_ids.to(torch.long).cpu()
+        self.num_samples = num_samples
+        self.local_row = torch.full((num_samples,), -1, dtype=torch.long)
+        self.local_row[self.sample_ids] = torch.arange(len(self.sample_ids))
+        learnable = {id(p) for group in self._all_learnable() for p in group}
+        for p in model.parameters():  # only rounding variables and step sizes are ever trained
+            p.requires_grad_(id(p) in learnable)
+        set_quantization(model, False)
+        self.units = build_units(model, self.images[:1].to(self.device))
+        self.stages = [Stage(name, u, m) for u, unit in enumerate(self.units) for name, m in unit.targets]
+        self.stage = 0
+        self.iteration = 0
+        self._cached_unit = -1
+        self._stage_ready = False
+        self._stage_started = 0.0
+
+    # -- state ------------------------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.stage >= len(self.stages)
+
+    @property
+    def current(self) -> Stage:
+        return self.stages[self.stage]
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "iteration": self.iteration, "stats": [s.stats for s in self.stages]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage, self.iteration = int(state["stage"]), int(state["iteration"])
+        for s, stats in zip(self.stages, state["stats"]):
+            s.stats = dict(stats)
+        self._cached_unit, self._stage_ready = -1, False
+
+    def _all_learnable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        return _learnable(self.model)
+
+    def make_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """Adam for the AdaRound variables and for the step sizes, over every stage (built once)."""
+        rounding, steps = self._all_learnable()
+        return (torch.optim.Adam(rounding, lr=self.config.rounding_lr),
+                torch.optim.Adam(steps, lr=self.config.scale_lr))
+
+    # -- quantization state -----------------------------------------------------------------------------------
+    def _enable_finished(self, upto: int) -> None:
+        """Quantize the stages before ``upto``; keep the others in float."""
+        for i, s in enumerate(self.stages):
+            set_quantization(s.module, i < upto)
+
+    @torch.no_grad()
+    def _run_unit(self, u: int, x: torch.Tensor) -> torch.Tensor:
+        run = self.units[u].run
+        return torch.cat([run(b.to(self.device)).to(self.cache_device) for b in _batched(x)])
+
+    @torch.no_grad()
+    def _capture(self, u: int, target: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        inputs, kwargs = [], {}
+        for b in _batched(x):
+            args, kwargs = run_until(self.units[u].run, target, b.to(self.device))
+            if len(args) != 1:
+                raise RuntimeError(f"{type(target).__name__} is called with {len(args)} positional inputs; "
+                                   "reconstruction supports one (pass extras as keyword arguments).")
+            inputs.append(_per_sample(args[0], b.shape[0]).to(self.cache_device))
+        return torch.cat(inputs), kwargs
+
+    def _forward(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Target output (and attention scores) for per-sample inputs ``x`` of shape (n, k, ...)."""
+        n = x.shape[0]
+        out = module(x.flatten(0, 1).to(self.device), **self._kwargs)
+        scores = module.scores if isinstance(module, AttentionScores) else None
+        return _per_sample(out, n), (None if scores is None else _per_sample(scores, n))
+
+    # -- cache ------------------------------------------------------------------------------------------------
+    def _advance_cache_to(self, unit: int) -> None:
+        """Carry the quantized- and float-prefix inputs forward, one unit at a time, up to ``unit``."""
+        if self._cached_unit < 0 or self._cached_unit > unit:
+            self.x_q, self.x_fp, self._cached_unit = self.images, self.images, 0
+        while self._cached_unit < unit:
+            u = self._cached_unit
+            done_upto = next((i for i, s in enumerate(self.stages) if s.unit > u), len(self.stages))
+            self._enable_finished(done_upto)
+            self.x_q = self._run_unit(u, self.x_q)
+            set_quantization(self.model, False)
+            self.x_fp = self._run_unit(u, self.x_fp)
+            self._cached_unit += 1
+
+    def prepare_stage(self) -> None:
+        """Build the current target's cache, calibrate its activation quantizers, make its variables learnable."""
+        stage, cfg = self.current, self.config
+        self._stage_started = time.perf_counter()
+        self._advance_cache_to(stage.unit)
+        module = stage.module
+        self._enable_finished(self.stage)
+        self.t_q, self._kwargs = self._capture(stage.unit, module, self.x_q)
+        set_quantization(self.model, False)
+        self.t_fp, _ = self._capture(stage.unit, module, self.x_fp)
+        with torch.no_grad(), self._recording(module):
+            outs = [self._forward(module, b) for b in _batched(self.t_fp)]
+        self.out_fp = torch.cat([o for o, _ in outs]).to(self.cache_device)
+        self.scores_fp = None if outs[0][1] is None else torch.cat([s for _, s in outs]).to(self.cache_device)
+        self.per_sample_norm = self.out_fp[0].numel() / self.out_fp.shape[2]
+        set_quantization(module, True)
+        if self.iteration == 0:
+            self._calibrate(module)
+            stage.stats["init_error"] = self.output_error()
+        stage.stats["outlier_ratio"] = {
+            q.name: float(q.outlier_ratio) for q in module.modules() if isinstance(q, PerPatchOutlierQuantizer)}
+        stage.stats["cache_mb"] = sum(t.numel() * t.element_size() for t in (
+            self.x_q, self.x_fp, self.t_q, self.t_fp, self.out_fp,
+            *(() if self.scores_fp is None else (self.scores_fp,)))) / 2**20
+        rounding, steps = self._stage_parameters()
+        for p in rounding + steps:
+            p.requires_grad_(cfg.reconstruct)
+        for q in self._adaround(module):
+            q.soft = cfg.reconstruct
+        self._stage_ready = True
+
+    def _recording(self, module: nn.Module):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            attn = [m for m in module.modules() if isinstance(m, AttentionScores)]
+            for m in attn:
+                m.record_scores = True
+            try:
+                yield
+            finally:
+                for m in attn:
+                    m.record_scores, m.scores = False, None
+        return ctx()
+
+    @torch.no_grad()
+    def _calibrate(self, module: nn.Module) -> None:
+        """Initialise the target's activation quantizers on the first ``init_samples`` *global* images."""
+        mine = self.sample_ids < self.config.init_samples
+        ids = all_gather_cat(self.sample_ids[mine].to(self.device))
+        x = all_gather_cat(self.t_q[mine.to(self.t_q.device)].to(self.device))[ids.argsort()]
+        with calibrating(module):
+            module(x.flatten(0, 1), **self._kwargs)
+
+    @staticmethod
+    def _adaround(module: nn.Module) -> list[AdaRoundQuantizer]:
+        return [q for q in module.modules() if isinstance(q, AdaRoundQuantizer)]
+
+    def _stage_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        return _learnable(self.current.module)
+
+    @torch.no_grad()
+    def output_error(self) -> float:
+        """Global mean output error of the current target on the whole cache (no QDrop)."""
+        module, total = self.current.module, torch.zeros((), dtype=torch.float64)
+        for q, fp in zip(_batched(self.t_q), _batched(self.out_fp)):
+            out, _ = self._forward(module, q)
+            total += output_loss(out, fp.to(self.device), self.config.rec_p, self.per_sample_norm, 1).double().cpu()
+        return float(all_reduce_sum(total.to(self.device)).cpu()) / self.num_samples
+
+    # -- optimisation -----------------------------------------------------------------------------------------
+    def step(self, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer]) -> dict[str, float]:
+        """One reconstruction iteration of the current stage; returns its global loss terms."""
+        if not self._stage_ready:
+            self.prepare_stage()
+        cfg, stage, it = self.config, self.current, self.iteration
+        module, (rank, world_size) = stage.module, world()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.stage * 100_003 + it)
+        ids = torch.randint(0, self.num_samples, (cfg.batch_size,), generator=gen)
+        rows = self.local_row[ids]
+        positions = (rows >= 0).nonzero().squeeze(1)
+        rows = rows[positions]
+        x = self.t_q[rows].to(self.device)
+        if cfg.qdrop_prob < 1.0:
+            noise = torch.rand((cfg.batch_size, *x.shape[1:]), generator=gen)[positions].to(self.device)
+            x = torch.where(noise < cfg.qdrop_prob, x, self.t_fp[rows].to(self.device))
+        with torch.enable_grad(), self._recording(module):
+            out, scores = self._forward(module, x)
+            rec = output_loss(out, self.out_fp[rows].to(self.device), cfg.rec_p, self.per_sample_norm, cfg.batch_size)
+            kl = torch.zeros((), device=self.device)
+            if cfg.attn_kl and scores is not None and self.scores_fp is not None:
+                kl = attention_kl(scores, self.scores_fp[rows].to(self.device), cfg.kl_temperature,
+                                  scores[0].numel() // scores.shape[-1], cfg.batch_size)
+            beta = rounding_beta(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
+            rnd = torch.zeros((), device=self.device)
+            if it >= cfg.warmup * cfg.iters:
+                rnd = cfg.rounding_weight * sum((q.regularizer(beta) for q in self._adaround(module)), rnd)
+            loss = rec + kl / cfg.kl_lambda + rnd / world_size
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=False)
+            loss.backward()
+        self._sync_gradients()
+        optimizers[1].param_groups[0]["lr"] = cosine_lr(cfg.scale_lr, it, cfg.iters)
+        for opt in optimizers:
+            opt.step()
+        terms = all_reduce_sum(torch.stack([rec.detach(), kl.detach(), rnd.detach() / world_size]))
+        self.iteration += 1
+        rec_v, kl_v, rnd_v = terms.tolist()
+        return {"rec": rec_v, "kl": kl_v, "round": rnd_v, "beta": beta}
+
+    def _sync_gradients(self) -> None:
+        """Sum the current stage's gradients over ranks (one collective for all of them)."""
+        params = [p for group in self._stage_parameters() for p in group]
+        if world()[1] == 1 or not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = chunk.view_as(p).clone()
+
+    def finish_stage(self, optimizers: Optional[tuple[torch.optim.Optimizer, ...]] = None) -> Stage:
+        """Harden the rounding, freeze the stage, free its optimizer state, and move on."""
+        stage = self.current
+        rounding, steps = self._stage_parameters()
+        for q in self._adaround(stage.module):
+            q.soft = False
+        for p in rounding + steps:
+            p.requires_grad_(False)
+            for opt in optimizers or ():
+                opt.state.pop(p, None)
+        stage.stats["final_error"] = self.output_error()
+        stage.stats["iters"] = self.iteration
+        stage.stats["seconds"] = stage.stats.get("seconds", 0.0) + time.perf_counter() - self._stage_started
+        del self.t_q, self.t_fp, self.out_fp, self.scores_fp
+        self.stage, self.iteration, self._stage_ready = self.stage + 1, 0, False
+        if self.done:
+            set_quantization(self.model, True)
+            del self.x_q, self.x_fp
+        return stage
+
+    def stage_complete(self) -> bool:
+        return not self.config.reconstruct or self.iteration >= self.config.iters
+
+    def run(self, log=None) -> None:
+        """Every stage to the end, in this process (the Lightning module does the same as training steps)."""
+        optimizers = self.make_optimizers() if self.config.reconstruct else ()
+        while not self.done:
+            if not self._stage_ready:
+                self.prepare_stage()
+            while not self.stage_complete():
+                terms = self.step(optimizers)
+                if log is not None:
+                    log(self.current.name, self.iteration, terms)
+            self.finish_stage(optimizers)

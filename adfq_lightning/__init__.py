@@ -1,12 +1,16 @@
 """adfq-lightning: ADFQ-ViT post-training quantization of timm Vision Transformers, as a Lightning plugin."""
 
-from .api import ADFQConfig, load_quantized, prepare, quantize, save_quantized, set_quantization
-from .modules import UnsupportedModuleError, register
-
 __version__ = "0.1.0"
 
+from .api import ADFQConfig, load_quantized, prepare, quantize, save_quantized, set_quantization
+from .callback import ADFQCallback
+from .modules import UnsupportedModuleError, register
+from .reconstruction.module import ADFQModule
+
 __all__ = [
+    "ADFQCallback",
     "ADFQConfig",
+    "ADFQModule",
     "UnsupportedModuleError",
     "load_quantized",
     "prepare",

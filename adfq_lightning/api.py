@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -13,6 +11,7 @@ from torch import nn
 
 from .config import ADFQConfig
 from .modules import convert, is_quantized
+from .report import atomic_torch_save
 from .reconstruction import Reconstructor, check_supported, set_quantization
 
 CalibData = Union[torch.Tensor, Iterable]
@@ -34,7 +33,7 @@ def collect_images(calib_data: CalibData, limit: Optional[int] = None) -> torch.
             if limit is not None and sum(b.shape[0] for b in batches) >= limit:
                 break
         images = torch.cat(batches) if batches else torch.empty(0)
-    if images.shape[0] == 0:
+    if images.numel() == 0:
         raise ValueError("the calibration set is empty: pass at least one image (1024 is the method's default).")
     if images.dim() != 4:
         raise ValueError(f"calibration images must be (N, C, H, W), got shape {tuple(images.shape)}.")
@@ -87,27 +86,11 @@ def quantize(
     return model
 
 
-def _atomic_save(obj: object, path: Union[str, Path]) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_quantized(model: nn.Module, path: Union[str, Path], config: ADFQConfig, model_name: str = "") -> None:
     """Save a quantized model's state with its config; loads with ``torch.load(weights_only=True)``."""
     if not is_converted(model):
         raise ValueError("save_quantized() needs a quantized model: run quantize() first.")
-    _atomic_save({"format": "adfq-lightning/1", "model_name": model_name or type(model).__name__,
+    atomic_torch_save({"format": "adfq-lightning/1", "model_name": model_name or type(model).__name__,
                   "config": config.to_dict(), "state_dict": model.state_dict()}, path)
 
 

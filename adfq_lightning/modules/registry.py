@@ -41,42 +41,56 @@ def is_quantized(module: nn.Module) -> bool:
     return type(module) in QUANTIZED_MODULES.values()
 
 
-def _unsupported_attention(model: nn.Module) -> list[str]:
-    """Attention-like modules left in float: their scores would silently escape quantization."""
+def _unsupported_attention(model: nn.Module, swapped: set[int]) -> list[str]:
+    """Attention-like modules that would stay in float: their scores would silently escape quantization.
+
+    Attention-like: a class named ``*attention*`` with parameters, or a subclass of a registered float
+    attention class (registration is by exact type, so the subclass itself is not converted).
+    """
+    from .attention import AttentionScores  # deferred: attention.py imports this module
+
+    attention_classes = tuple(f for f, q in QUANTIZED_MODULES.items() if issubclass(q, AttentionScores))
     return [
         f"{name} ({type(m).__module__}.{type(m).__qualname__})"
         for name, m in model.named_modules()
-        if "attention" in type(m).__name__.lower() and not is_quantized(m) and any(True for _ in m.parameters())
+        if id(m) not in swapped and not is_quantized(m) and (
+            isinstance(m, attention_classes)
+            or ("attention" in type(m).__name__.lower() and any(True for _ in m.parameters())))
     ]
 
 
 def convert(model: nn.Module, config: ADFQConfig) -> nn.Module:
-    """Swap every registered float module of ``model`` (in place) for its quantized counterpart."""
-    found = _convert_children(model, config, prefix="")
-    if not found:
+    """Swap every registered float module of ``model`` (in place) for its quantized counterpart.
+
+    All replacements are built and every check is made before the first swap, so a model that cannot be
+    converted is left exactly as it was.
+    """
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    _collect_swaps(model, config, "", swaps)
+    if not swaps:
         supported = ", ".join(sorted(f"{c.__module__}.{c.__qualname__}" for c in QUANTIZED_MODULES))
         raise UnsupportedModuleError(
             f"{type(model).__name__} has no module adfq-lightning can quantize (supported: {supported}). "
             "Pass a timm ViT/DeiT/Swin, or register a quantized class with adfq_lightning.register()."
         )
-    leftovers = _unsupported_attention(model)
+    leftovers = _unsupported_attention(model, {id(getattr(parent, child)) for parent, child, _ in swaps})
     if leftovers:
         raise UnsupportedModuleError(
             "these attention modules have no quantized wrapper: " + "; ".join(leftovers) + ". Supported are timm's "
             "vision_transformer.Attention and swin_transformer.WindowAttention; register a quantized class for "
             "this variant with adfq_lightning.register(<its class>)."
         )
+    for parent, child_name, quantized in swaps:
+        setattr(parent, child_name, quantized)
     return model
 
 
-def _convert_children(module: nn.Module, config: ADFQConfig, prefix: str) -> int:
-    count = 0
+def _collect_swaps(module: nn.Module, config: ADFQConfig, prefix: str,
+                   swaps: list[tuple[nn.Module, str, nn.Module]]) -> None:
     for child_name, child in module.named_children():
         name = f"{prefix}{child_name}"
         quant_cls = QUANTIZED_MODULES.get(type(child))
         if quant_cls is not None:
-            setattr(module, child_name, quant_cls.from_float(child, config, name))
-            count += 1
+            swaps.append((module, child_name, quant_cls.from_float(child, config, name)))
         elif not is_quantized(child):
-            count += _convert_children(child, config, prefix=f"{name}.")
-    return count
+            _collect_swaps(child, config, f"{name}.", swaps)

@@ -43,10 +43,22 @@ def set_quantization(module: nn.Module, enabled: bool) -> None:
 
 
 def _learnable(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(AdaRound variables, activation step sizes) inside ``module``."""
-    rounding = [q.alpha for q in module.modules() if isinstance(q, AdaRoundQuantizer)]
-    steps = [p for q in module.modules() if isinstance(q, Quantizer) for p in q.step_sizes()]
+    """(AdaRound variables, activation step sizes) inside ``module``.
+
+    A quantizer's ``step_sizes()`` speaks for the quantizers nested inside it: the weight grid inside an
+    AdaRound quantizer is a UniformQuantizer too, but it is frozen (AdaRound returns no step sizes).
+    """
+    quantizers = [q for q in module.modules() if isinstance(q, Quantizer)]
+    nested = {id(m) for q in quantizers for m in q.modules() if m is not q}
+    rounding = [q.alpha for q in quantizers if isinstance(q, AdaRoundQuantizer)]
+    steps = [p for q in quantizers if id(q) not in nested for p in q.step_sizes()]
     return rounding, steps
+
+
+def make_optimizers(model: nn.Module, config: ADFQConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """Adam for every AdaRound variable and for every step size, built once; only the active stage's get grads."""
+    rounding, steps = _learnable(model)
+    return torch.optim.Adam(rounding, lr=config.rounding_lr), torch.optim.Adam(steps, lr=config.scale_lr)
 
 
 def _batched(x: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -79,7 +91,7 @@ class Reconstructor:
         self.num_samples = num_samples
         self.local_row = torch.full((num_samples,), -1, dtype=torch.long)
         self.local_row[self.sample_ids] = torch.arange(len(self.sample_ids))
-        learnable = {id(p) for group in self._all_learnable() for p in group}
+        learnable = {id(p) for group in _learnable(model) for p in group}
         for p in model.parameters():  # only rounding variables and step sizes are ever trained
             p.requires_grad_(id(p) in learnable)
         set_quantization(model, False)
@@ -109,14 +121,9 @@ class Reconstructor:
             s.stats = dict(stats)
         self._cached_unit, self._stage_ready = -1, False
 
-    def _all_learnable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        return _learnable(self.model)
-
-    def make_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-        """Adam for the AdaRound variables and for the step sizes, over every stage (built once)."""
-        rounding, steps = self._all_learnable()
-        return (torch.optim.Adam(rounding, lr=self.config.rounding_lr),
-                torch.optim.Adam(steps, lr=self.config.scale_lr))
+    @property
+    def stage_ready(self) -> bool:
+        return self._stage_ready
 
     # -- quantization state -----------------------------------------------------------------------------------
     def _enable_finished(self, upto: int) -> None:
@@ -307,7 +314,7 @@ class Reconstructor:
 
     def run(self, log=None) -> None:
         """Every stage to the end, in this process (the Lightning module does the same as training steps)."""
-        optimizers = self.make_optimizers() if self.config.reconstruct else ()
+        optimizers = make_optimizers(self.model, self.config) if self.config.reconstruct else ()
         while not self.done:
             if not self._stage_ready:
                 self.prepare_stage()

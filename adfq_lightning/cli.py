@@ -6,7 +6,7 @@ from typing import Optional
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 
 from .reconstruction.module import ADFQModule
 from .report import REPORT_NAME
@@ -29,9 +29,13 @@ class ADFQCLI(LightningCLI):
             self.model.set_float_mode(float_mode)
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         self.model.set_float_mode(False)
+        self._print_summary()
+
+    @rank_zero_only
+    def _print_summary(self) -> None:
         cfg, results = self.model.config, self.model.evaluation
         if "val_fp" in results and "val" in results:
-            rank_zero_info(
+            print(
                 f"\n{self.model.hparams.model}: FP Top-1 {results['val_fp']['top1']:.2f} / Top-5 "
                 f"{results['val_fp']['top5']:.2f} | W{cfg.w_bits}A{cfg.a_bits} Top-1 {results['val']['top1']:.2f} / "
                 f"Top-5 {results['val']['top5']:.2f}\nreport: {self.trainer.log_dir}/{REPORT_NAME}"
@@ -50,3 +54,7 @@ def main(args: Optional[list[str]] = None) -> None:
 
 
 __all__ = ["ADFQCLI", "main"]
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,10 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP workers make
+# every op many times slower.
+torch.set_num_threads(1)
+
 ARCHS = ("vit", "deit", "swin")
 IMG_SIZE = 32
 NUM_CLASSES = 10
@@ -42,7 +46,7 @@ def make_images(n: int = 8, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, IMG_SIZE, IMG_SIZE, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_tiny():
     """Factory: ``make_tiny("vit" | "deit" | "swin", seed=0)`` -> a fresh tiny model in eval mode."""
     return build_tiny

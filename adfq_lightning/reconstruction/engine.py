@@ -297,6 +297,7 @@ class Reconstructor:
             q.soft = False
         for p in rounding + steps:
             p.requires_grad_(False)
+            p.grad = None  # else Adam keeps stepping it with zero gradients and rebuilds the state popped here
             for opt in optimizers or ():
                 opt.state.pop(p, None)
         stage.stats["final_error"] = self.output_error()

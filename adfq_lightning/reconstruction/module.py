@@ -84,7 +84,13 @@ class ADFQModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         engine = self.engine
-        optimizers = [opt.optimizer for opt in self.optimizers()]
+        wrapped = self.optimizers()
+        optimizers = [opt.optimizer for opt in wrapped]
+        # One optimizer step in Lightning's accounting per training step, whatever the engine did: the engine
+        # steps the raw optimizers, which Lightning does not count, so trainer.global_step (and with it
+        # ModelCheckpoint(every_n_train_steps=...), max_steps, logging) would otherwise stay at 0.
+        wrapped[0]._on_before_step()
+        wrapped[0]._on_after_step()
         terms = None
         for _ in range(self.hparams.iters_per_step):
             if engine.done:

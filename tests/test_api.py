@@ -1,0 +1,453 @@
+"""The public API: presets, per-layer bits, ablations, bad-input errors, and ASMO reconstruction."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import Attention, VisionTransformer
+from torch import nn
+
+from adfq_lightning import ADFQConfig, UnsupportedModuleError, prepare, quantize, set_quantization
+from adfq_lightning.api import collect_images
+from adfq_lightning.modules import convert, is_quantized
+from adfq_lightning.quantizers import (
+    AdaRoundQuantizer,
+    LogSqrt2Quantizer,
+    PerPatchOutlierQuantizer,
+    Quantizer,
+    ShiftLog2Quantizer,
+    UniformQuantizer,
+)
+from adfq_lightning.reconstruction import Reconstructor
+from conftest import make_images
+
+FAST = ADFQConfig(reconstruct=False)
+
+
+@torch.no_grad()
+def run(model, x):
+    return model(x)
+
+
+def quantizers(model, cls=Quantizer):
+    return {n: q for n, q in model.named_modules() if isinstance(q, cls)}
+
+
+# -- presets --------------------------------------------------------------------------------------------------------
+def test_presets():
+    assert ADFQConfig.preset("adfq") == ADFQConfig()
+    assert ADFQConfig.preset("adfq").reconstruct
+    init = ADFQConfig.preset("adfq_init")
+    assert init.method == "adfq" and not init.reconstruct
+    for name in ("minmax", "percentile"):
+        cfg = ADFQConfig.preset(name)
+        assert cfg.method == name and not cfg.reconstruct
+    assert ADFQConfig.preset("minmax", w_bits=8, a_bits=6).a_bits == 6
+    with pytest.raises(ValueError, match="unknown preset 'gptq'.*adfq_init"):
+        ADFQConfig.preset("gptq")
+
+
+@pytest.mark.parametrize("name", ["minmax", "percentile"])
+def test_baseline_presets_use_per_tensor_uniform_everywhere(tiny_vit, images, name):
+    quantize(tiny_vit, images, ADFQConfig.preset(name))
+    acts = [q for q in quantizers(tiny_vit).values() if not isinstance(q, AdaRoundQuantizer) and q.name and
+            not q.name.endswith(".weight")]
+    assert acts and all(type(q) is UniformQuantizer and q.granularity == "tensor" and q.search == name for q in acts)
+    weights = quantizers(tiny_vit, AdaRoundQuantizer).values()
+    assert all(q.grid.granularity == "tensor" and q.grid.search == name for q in weights)
+    assert torch.isfinite(run(tiny_vit, images)).all()
+
+
+def test_adfq_preset_quantizer_table(tiny_vit):
+    prepare(tiny_vit, ADFQConfig.preset("adfq_init"))
+    attn, mlp = tiny_vit.blocks[0].attn, tiny_vit.blocks[0].mlp
+    assert type(attn.qkv.input_quantizer) is PerPatchOutlierQuantizer
+    assert type(mlp.fc1.input_quantizer) is PerPatchOutlierQuantizer
+    assert type(mlp.fc2.input_quantizer) is ShiftLog2Quantizer
+    assert type(attn.matmul_av.a_quantizer) is LogSqrt2Quantizer
+    for q in (attn.proj.input_quantizer, attn.matmul_qk.a_quantizer, attn.matmul_qk.b_quantizer,
+              attn.matmul_av.b_quantizer):
+        assert type(q) is UniformQuantizer and q.search == "mse"
+    assert attn.qkv.weight_quantizer.grid.granularity == "channel"
+
+
+def test_baseline_is_worse_than_adfq_init_at_w4a4(make_tiny, images, more_images):
+    reference = make_tiny("vit")
+    errors = {}
+    for preset in ("minmax", "adfq_init"):
+        model = quantize(make_tiny("vit"), more_images, ADFQConfig.preset(preset, w_bits=4, a_bits=4))
+        out, ref = run(model, images), run(reference, images)
+        errors[preset] = ((out - ref).norm() / ref.norm()).item()
+    assert errors["adfq_init"] < errors["minmax"]
+
+
+# -- per-layer bits -------------------------------------------------------------------------------------------------
+def bits_of(model, module_name):
+    m = model.get_submodule(module_name)
+    return m.weight_quantizer.bits, m.input_quantizer.bits
+
+
+@pytest.mark.parametrize("arch, heads", [("vit", ["head"]), ("deit", ["head", "head_dist"]), ("swin", ["head.fc"])])
+def test_patch_embed_and_head_default_to_8_bits(make_tiny, arch, heads):
+    model = prepare(make_tiny(arch), ADFQConfig(w_bits=4, a_bits=3))
+    assert bits_of(model, "patch_embed.proj") == (8, 8)
+    for head in heads:
+        assert bits_of(model, head) == (8, 8)
+    first_block = "blocks.0" if arch != "swin" else "layers.0.blocks.0"
+    assert bits_of(model, f"{first_block}.attn.qkv") == (4, 3)
+    assert bits_of(model, f"{first_block}.mlp.fc2") == (4, 3)
+    assert model.get_submodule(f"{first_block}.attn.matmul_av").a_quantizer.bits == 3
+
+
+def test_override_pattern_changes_bits(tiny_vit):
+    overrides = {**ADFQConfig().overrides, "blocks.1.*": {"w_bits": 6}, "blocks.1.mlp.fc2": {"a_bits": 5}}
+    prepare(tiny_vit, ADFQConfig(overrides=overrides))
+    assert bits_of(tiny_vit, "blocks.0.attn.qkv") == (4, 4)
+    assert bits_of(tiny_vit, "blocks.1.attn.qkv") == (6, 4)
+    assert bits_of(tiny_vit, "blocks.1.mlp.fc2") == (6, 5)  # both patterns apply; each sets its own key
+    assert tiny_vit.blocks[1].attn.matmul_qk.a_quantizer.bits == 4
+    assert bits_of(tiny_vit, "head") == (8, 8)
+
+
+def test_last_matching_override_wins():
+    cfg = ADFQConfig(overrides={"blocks.*": {"w_bits": 3}, "blocks.1.*": {"w_bits": 7}})
+    assert cfg.bits_for("blocks.0.attn.qkv") == (3, 4)
+    assert cfg.bits_for("blocks.1.attn.qkv") == (7, 4)
+    assert cfg.bits_for("head") == (4, 4)  # overrides replace the defaults
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"head": {"w_bits": 12}}, r"overrides\['head'\]\['w_bits'\]=12 .* from 2 to 8"),
+    ({"head": {"bits": 8}}, "unknown keys"),
+])
+def test_bad_overrides(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ADFQConfig(overrides=overrides)
+
+
+# -- ablations ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("switch, where, replaced", [
+    ("ppoq", ["attn.qkv.input_quantizer", "mlp.fc1.input_quantizer"], PerPatchOutlierQuantizer),
+    ("slq", ["mlp.fc2.input_quantizer"], ShiftLog2Quantizer),
+    ("log_softmax", ["attn.matmul_av.a_quantizer"], LogSqrt2Quantizer),
+])
+def test_ablation_switches(make_tiny, images, switch, where, replaced):
+    on = prepare(make_tiny("vit"), FAST)
+    off = quantize(make_tiny("vit"), images, FAST.replace(**{switch: False}))
+    for block in range(2):
+        for path in where:
+            assert type(on.get_submodule(f"blocks.{block}.{path}")) is replaced
+            q = off.get_submodule(f"blocks.{block}.{path}")
+            assert type(q) is UniformQuantizer and q.granularity == "tensor"
+    assert not any(isinstance(q, replaced) for q in off.modules())
+    assert torch.isfinite(run(off, images)).all()
+
+
+def test_outlier_thresholds_reach_the_quantizers(tiny_vit):
+    prepare(tiny_vit, FAST.replace(qkv_outlier_threshold=7.5, fc1_outlier_threshold=10))
+    assert tiny_vit.blocks[0].attn.qkv.input_quantizer.threshold == 7.5
+    assert tiny_vit.blocks[0].mlp.fc1.input_quantizer.threshold == 10.0
+
+
+def test_slq_base_option(tiny_vit):
+    prepare(tiny_vit, FAST.replace(slq_base="2"))
+    assert tiny_vit.blocks[0].mlp.fc2.input_quantizer.base == "2"
+
+
+# -- bad inputs -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.ReLU()),
+    lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10)),
+    lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),
+])
+def test_model_without_vision_transformer_is_rejected(make, images):
+    model = make()
+    for call in (lambda: quantize(model, images, FAST), lambda: prepare(model, FAST)):
+        with pytest.raises(UnsupportedModuleError, match=r"is not a Vision Transformer.*timm VisionTransformer"):
+            call()
+    assert not any(is_quantized(m) for m in model.modules())  # rejected before any swap
+
+
+def test_convert_without_supported_module_names_the_fix():
+    with pytest.raises(UnsupportedModuleError, match=r"Sequential has no module .* adfq_lightning\.register"):
+        convert(nn.Sequential(nn.ReLU(), nn.Tanh()), FAST)
+
+
+def test_unsupported_error_is_a_type_error():
+    assert issubclass(UnsupportedModuleError, TypeError)
+
+
+@pytest.mark.parametrize("field", ["w_bits", "a_bits"])
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, True, 4.0, "4"])
+def test_config_rejects_bits_outside_range(field, bits):
+    with pytest.raises(ValueError, match=rf"{field}={bits!r} is not supported: use an integer from 2 to 8"):
+        ADFQConfig(**{field: bits})
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"method": "gptq"}, "method"),
+    ({"qkv_outlier_threshold": 0}, "qkv_outlier_threshold"),
+    ({"fc1_outlier_threshold": float("nan")}, "fc1_outlier_threshold"),
+    ({"iters": 0}, "iters"),
+    ({"batch_size": 2.5}, "batch_size"),
+    ({"init_samples": -1}, "init_samples"),
+    ({"qdrop_prob": 0.0}, "qdrop_prob"),
+    ({"warmup": 1.0}, "warmup"),
+    ({"kl_temperature": 0}, "kl_temperature"),
+])
+def test_config_rejects_bad_values(changes, match):
+    with pytest.raises(ValueError, match=match):
+        ADFQConfig(**changes)
+
+
+def test_config_round_trips_through_dict():
+    cfg = ADFQConfig(w_bits=3, overrides={"head": {"w_bits": 8}}, slq_base="2")
+    assert ADFQConfig(**cfg.to_dict()) == cfg
+    assert cfg.replace(a_bits=6).a_bits == 6 and cfg.a_bits == 4
+
+
+@pytest.mark.parametrize("calib", [
+    torch.empty(0, 3, 32, 32),
+    torch.empty(0),
+    [],
+    (),
+    iter([]),
+    torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.empty(0, 3, 32, 32)), batch_size=4),
+])
+def test_empty_calibration_set(tiny_vit, calib):
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        quantize(tiny_vit, calib, FAST)
+
+
+@pytest.mark.parametrize("calib", [torch.randn(3, 32, 32), torch.tensor(1.0), torch.randn(2, 3, 32)])
+def test_calibration_images_must_be_4d(tiny_vit, calib):
+    with pytest.raises(ValueError, match=r"must be \(N, C, H, W\)"):
+        quantize(tiny_vit, calib, FAST)
+
+
+def test_calibration_batches_must_hold_tensors(tiny_vit):
+    with pytest.raises(TypeError, match="tensors or \\(images, labels\\) pairs"):
+        quantize(tiny_vit, [[[1, 2, 3]]], FAST)
+
+
+def test_calibration_from_loader_equals_tensor(make_tiny, more_images):
+    labels = torch.zeros(len(more_images), dtype=torch.long)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(more_images, labels), batch_size=5)
+    assert torch.equal(collect_images(loader), more_images)
+    assert torch.equal(collect_images(loader, limit=12), more_images[:12])
+    a = quantize(make_tiny("vit"), loader, FAST)
+    b = quantize(make_tiny("vit"), more_images, FAST)
+    assert torch.equal(run(a, more_images[:4]), run(b, more_images[:4]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_image_is_reported(tiny_vit, images, value):
+    bad = images.clone()
+    bad[3, 1, 5, 7] = value
+    with pytest.raises(ValueError, match=r"Quantizer patch_embed\.proj\.input received NaN or Inf values .*"
+                                         r"calibration images"):
+        quantize(tiny_vit, bad, FAST)
+
+
+def test_non_finite_linear_weight_is_reported(tiny_vit, images):
+    with torch.no_grad():
+        tiny_vit.blocks[1].mlp.fc1.weight[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc1\.weight received NaN or Inf.*model weights"):
+        quantize(tiny_vit, images, FAST)
+    assert not any(is_quantized(m) for m in tiny_vit.modules())  # the float model is left as it was
+
+
+def test_non_finite_norm_weight_is_reported_where_it_reaches_a_quantizer(tiny_vit, images):
+    with torch.no_grad():
+        tiny_vit.blocks[0].norm2.weight[0] = float("inf")
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.fc1_input received NaN or Inf"):
+        quantize(tiny_vit, images, FAST)
+
+
+class CrossAttention(nn.Module):
+    """An attention variant the wrappers do not know: its q @ k^T would stay in float."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal=False) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj((q @ k.transpose(-2, -1)).softmax(-1) @ v)
+
+
+class TalkingHeads(Attention):
+    """A timm Attention subclass without 'attention' in its name: registration is by exact type."""
+
+
+def _swap_attention(model, new):
+    model.blocks[1].attn = new
+    return model
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda: CrossAttention(32), r"blocks\.1\.attn \(test_api\.CrossAttention\)"),
+    (lambda: TalkingHeads(32, num_heads=2), r"blocks\.1\.attn \(test_api\.TalkingHeads\)"),
+])
+def test_unsupported_attention_variant_is_named(tiny_vit, images, make, named):
+    _swap_attention(tiny_vit, make())
+    reference = copy.deepcopy(tiny_vit)
+    with pytest.raises(UnsupportedModuleError, match=named + r".*adfq_lightning\.register\(<its class>\)"):
+        quantize(tiny_vit, images, FAST)
+    # nothing was swapped: the model still runs, in float, exactly as before
+    assert not any(is_quantized(m) for m in tiny_vit.modules())
+    assert torch.equal(run(tiny_vit, images), run(reference, images))
+
+
+def test_other_timm_attention_is_named(images):
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10,
+                              global_pool="map", class_token=False).eval()
+    with pytest.raises(UnsupportedModuleError, match=r"attn_pool \(timm\.layers\.attention_pool\.AttentionPoolLatent\)"):
+        quantize(model, images, FAST)
+
+
+def test_other_timm_vision_transformer_family_is_rejected(images):
+    model = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=1, num_heads=2, num_classes=10)
+    with pytest.raises(UnsupportedModuleError, match="VisionTransformerRelPos is not a Vision Transformer"):
+        quantize(model, images, FAST)
+
+
+def test_quantize_under_inference_mode_is_refused(tiny_vit, images):
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inference_mode.*torch\.no_grad\(\) is fine"):
+        quantize(tiny_vit, images, FAST)
+    assert not any(is_quantized(m) for m in tiny_vit.modules())
+    with torch.no_grad():  # allowed
+        quantize(tiny_vit, images, FAST)
+
+
+def test_uncalibrated_model_forward_is_refused(tiny_vit, images):
+    prepare(tiny_vit, FAST)
+    with pytest.raises(RuntimeError, match=r"patch_embed\.proj\.input is not calibrated: run adfq_lightning\.quantize"):
+        run(tiny_vit, images)
+
+
+def test_quantize_is_in_place_and_idempotent_prepare(tiny_vit, images):
+    out = quantize(tiny_vit, images, FAST)
+    assert out is tiny_vit and not tiny_vit.training
+    before = {n: type(m) for n, m in tiny_vit.named_modules()}
+    prepare(tiny_vit, FAST)  # already converted: nothing changes
+    assert {n: type(m) for n, m in tiny_vit.named_modules()} == before
+
+
+# -- ASMO reconstruction --------------------------------------------------------------------------------------------
+ASMO = ADFQConfig(iters=30, batch_size=8, seed=0)
+
+
+def reconstruct(model, images, config):
+    prepare(model, config)
+    rec = Reconstructor(model, config, images, torch.arange(len(images)), len(images))
+    rec.run()
+    return rec
+
+
+@pytest.fixture(scope="module")
+def asmo_vit(make_tiny):
+    """A tiny ViT after full ASMO (default method settings, 200 iterations per module), run once per module."""
+    config = ASMO.replace(iters=200)
+    images = make_images(16, seed=2)
+    model = prepare(make_tiny("vit"), config)
+    grids = {n: (q.grid.scale.clone(), q.grid.zero_point.clone())
+             for n, q in quantizers(model, AdaRoundQuantizer).items()}
+    rec = reconstruct(model, images, config)
+    return model, rec, grids, images, config
+
+
+def test_asmo_stage_stats(asmo_vit):
+    model, rec, _, _, config = asmo_vit
+    names = [s.name for s in rec.stages]
+    assert names == ["patch_embed.proj", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "head"]
+    for stage in rec.stages:
+        for key in ("init_error", "final_error", "iters", "outlier_ratio", "cache_mb", "seconds"):
+            assert key in stage.stats, (stage.name, key)
+        assert stage.stats["iters"] == config.iters
+        assert math.isfinite(stage.stats["init_error"]) and stage.stats["init_error"] > 0
+        assert math.isfinite(stage.stats["final_error"]) and stage.stats["final_error"] > 0
+    assert set(rec.stages[1].stats["outlier_ratio"]) == {"blocks.0.attn.qkv.qkv_input"}
+    assert rec.done
+
+
+def test_asmo_lowers_module_output_error(asmo_vit):
+    _, rec, _, _, _ = asmo_vit
+    ratios = [s.stats["final_error"] / s.stats["init_error"] for s in rec.stages]
+    assert all(r < 1.0 for r in ratios), ratios
+    assert math.exp(sum(math.log(r) for r in ratios) / len(ratios)) < 0.95, ratios
+
+
+def test_asmo_hardens_rounding_and_freezes_weight_grid(asmo_vit):
+    model, _, grids, images, _ = asmo_vit
+    for name, q in quantizers(model, AdaRoundQuantizer).items():
+        assert not q.soft
+        r = q.rounding()
+        assert ((r == 0) | (r == 1)).all(), name
+        # the weight grid is searched once and frozen: reconstruction learns rounding, not the weight scale
+        assert torch.equal(q.grid.scale, grids[name][0]), name
+        assert torch.equal(q.grid.zero_point, grids[name][1]), name
+    # every quantizer is on and the model runs; no model parameter is left trainable
+    assert all(q.enabled for q in quantizers(model).values())
+    assert torch.isfinite(run(model, images)).all()
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_asmo_learns_rounding_away_from_nearest(asmo_vit, make_tiny):
+    model, _, _, images, config = asmo_vit
+    nearest = quantize(make_tiny("vit"), images, config.replace(reconstruct=False))
+    changed = 0
+    for name, q in quantizers(model, AdaRoundQuantizer).items():
+        changed += int((q.rounding() != nearest.get_submodule(name).rounding()).sum())
+    assert changed > 0
+
+
+def test_asmo_without_reconstruction_keeps_init_error(tiny_vit, more_images):
+    rec = reconstruct(tiny_vit, more_images[:16], ASMO.replace(reconstruct=False))
+    for stage in rec.stages:
+        assert stage.stats["final_error"] == pytest.approx(stage.stats["init_error"], rel=1e-6)
+        assert stage.stats["iters"] == 0
+
+
+def test_asmo_same_seed_same_model(make_tiny, more_images):
+    states = []
+    for _ in range(2):
+        model = quantize(make_tiny("vit"), more_images[:16], ASMO)
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    other = quantize(make_tiny("vit"), more_images[:16], ASMO.replace(seed=1)).state_dict()
+    assert any(not torch.equal(other[k], states[0][k]) for k in other if k.endswith("alpha"))
+
+
+def test_asmo_on_swin_and_deit_runs(make_tiny, more_images):
+    for arch in ("swin", "deit"):
+        model = make_tiny(arch)
+        reference = copy.deepcopy(model)
+        rec = reconstruct(model, more_images[:8], ASMO.replace(iters=5, batch_size=4))
+        names = [s.name for s in rec.stages]
+        if arch == "swin":
+            assert "layers.1.downsample.reduction" in names and "layers.0.blocks.1.attn" in names
+        else:
+            assert names[-2:] == ["head", "head_dist"]
+        out = run(model, more_images[:4])
+        assert torch.isfinite(out).all()
+        set_quantization(model, False)
+        assert torch.allclose(run(model, more_images[:4]), run(reference, more_images[:4]), atol=1e-5)
+
+
+def test_quantize_log_callback(tiny_vit, more_images):
+    calls = []
+    quantize(tiny_vit, more_images[:8], ASMO.replace(iters=3), log=lambda *a: calls.append(a))
+    assert len(calls) == 6 * 3
+    name, iteration, terms = calls[0]
+    assert name == "patch_embed.proj" and iteration == 1
+    assert set(terms) >= {"rec", "kl", "round", "beta"}
+    attn_terms = [t for n, _, t in calls if n.endswith("attn")]
+    assert all(t["kl"] >= 0 for t in attn_terms) and any(t["kl"] > 0 for t in attn_terms)

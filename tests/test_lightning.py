@@ -1,0 +1,198 @@
+"""The three ways in (LightningCLI, a user's own LightningModule + ADFQCallback, Python) and checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from adfq_lightning import ADFQCallback, ADFQConfig, ADFQModule
+from adfq_lightning.cli import main as cli_main
+from adfq_lightning.modules import QuantAttention, QuantWindowAttention
+from adfq_lightning.quantizers import AdaRoundQuantizer
+from adfq_lightning.reconstruction.module import StageProgressBar
+
+from conftest import build_tiny, make_images
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10,
+                pretrained_cfg_overlay=dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3))
+
+
+class RandomImages(pl.LightningDataModule):
+    """Calibration images for train_dataloader, labelled images for validation/test."""
+
+    def __init__(self, n_calib: int = 16, n_val: int = 20, batch_size: int = 8) -> None:
+        super().__init__()
+        self.calib = TensorDataset(make_images(n_calib, seed=3), torch.zeros(n_calib, dtype=torch.long))
+        self.val = TensorDataset(make_images(n_val, seed=4), torch.arange(n_val) % 10)
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.calib, batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(self.val, batch_size=self.batch_size)
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+
+def tiny_config(**changes) -> ADFQConfig:
+    return ADFQConfig(**{"iters": 4, "batch_size": 4, "init_samples": 8, **changes})
+
+
+def trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, default_root_dir=tmp_path, max_epochs=-1,
+                      num_sanity_val_steps=0, check_val_every_n_epoch=1_000_000, enable_model_summary=False,
+                      **kwargs)
+
+
+def test_fit_reconstructs_every_stage_as_training_steps(tmp_path):
+    module = ADFQModule("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_VIT, config=tiny_config(),
+                        iters_per_step=3)
+    t = trainer(tmp_path, logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1)
+    t.fit(module, datamodule=RandomImages())
+    engine = module.engine
+    assert engine.done and [s.name for s in engine.stages] == [
+        "patch_embed.proj", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "head"]
+    assert all(s.stats["iters"] == 4 for s in engine.stages)
+    assert isinstance(module.model.blocks[0].attn, QuantAttention)
+    assert all(not q.soft for q in module.model.modules() if isinstance(q, AdaRoundQuantizer))
+    # per-module losses reach the logger
+    metrics = (Path(t.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    for key in ("recon/blocks.0.attn/rec", "recon/blocks.0.attn/kl", "recon/blocks.0.mlp/round",
+                "recon/head/init_error", "recon/head/final_error"):
+        assert key in metrics
+    report = json.loads((Path(t.log_dir) / "adfq_report.json").read_text())
+    assert [m["name"] for m in report["modules"]] == [s.name for s in engine.stages]
+    assert {"config", "versions", "seed", "modules", "evaluation"} <= set(report)
+    assert report["modules"][1]["seconds"] > 0 and "blocks.0.attn.qkv.qkv_input" in report["modules"][1]["outlier_ratio"]
+
+
+def test_progress_bar_names_the_module_being_reconstructed(tmp_path):
+    module = ADFQModule("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_VIT, config=tiny_config(),
+                        iters_per_step=2)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(trainer.progress_bar_callback.get_metrics(trainer, pl_module))
+
+    trainer(tmp_path, logger=False, callbacks=[Spy()]).fit(module, datamodule=RandomImages())
+    assert isinstance(module.trainer.progress_bar_callback, StageProgressBar)
+    shown = [m for m in seen if "module" in m]
+    assert any("blocks.0.attn" in m["module"] for m in shown) and "recon/rec" in shown[-1]
+
+
+def test_quantized_checkpoint_reloads_with_identical_outputs(tmp_path):
+    module = ADFQModule("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_VIT, config=tiny_config())
+    t = trainer(tmp_path, logger=False)
+    t.fit(module, datamodule=RandomImages())
+    ckpt = tmp_path / "quantized.ckpt"
+    t.save_checkpoint(ckpt)
+    x = make_images(4, seed=9)
+    expected = module(x)
+
+    blob = torch.load(ckpt, weights_only=True)  # plain tensors and containers only
+    assert blob["hyper_parameters"]["config"]["w_bits"] == 4
+    reloaded = ADFQModule.load_from_checkpoint(ckpt).eval()
+    assert isinstance(reloaded.model.blocks[0].attn, QuantAttention)
+    assert torch.equal(reloaded(x), expected)
+
+    # test --ckpt_path: the callback only swaps modules, Lightning loads the quantized state
+    fresh = ADFQModule("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_VIT, config=tiny_config())
+    out = trainer(tmp_path, logger=False).test(fresh, datamodule=RandomImages(), ckpt_path=ckpt, verbose=False)
+    module.set_float_mode(False)
+    ref = trainer(tmp_path, logger=False).test(module, datamodule=RandomImages(), verbose=False)
+    assert out[0]["test/top1"] == ref[0]["test/top1"]
+    assert torch.equal(fresh(x), expected)
+
+
+def test_calibration_is_deterministic_for_a_seed(tmp_path):
+    states = []
+    for run in range(2):
+        pl.seed_everything(0)
+        module = ADFQModule("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_VIT, config=tiny_config())
+        trainer(tmp_path / str(run), logger=False).fit(module, datamodule=RandomImages())
+        states.append(module.model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+class UserClassifier(pl.LightningModule):
+    """A LightningModule the package does not define: a user's own Swin classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build_tiny("swin")
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_callback_quantizes_a_users_own_lightning_module(tmp_path):
+    user = UserClassifier()
+    reference = build_tiny("swin")
+    x = make_images(4, seed=5)
+    callback = ADFQCallback(tiny_config(w_bits=8, a_bits=8), num_calib=16)
+    result = trainer(tmp_path, logger=False, callbacks=[callback]).validate(user, datamodule=RandomImages())
+    assert torch.isfinite(torch.tensor(result[0]["val_loss"]))
+    assert isinstance(user.net.layers[0].blocks[0].attn, QuantWindowAttention)
+    assert [s.stats["iters"] for s in callback.stages] == [4] * len(callback.stages)
+    out, ref = user(x), reference(x)
+    assert not torch.equal(out, ref) and (out - ref).abs().mean() < 0.2 * ref.abs().mean()
+    assert (tmp_path / "adfq_report.json").exists()
+
+
+def test_callback_needs_calibration_images(tmp_path):
+    with pytest.raises(ValueError, match="calib_dataloader"):
+        trainer(tmp_path, logger=False, callbacks=[ADFQCallback(tiny_config())]).validate(
+            UserClassifier(), dataloaders=RandomImages().val_dataloader())
+
+
+def test_cli_print_config_shows_the_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--config", str(ROOT / "configs/cifar10/vit_w4a4.yaml"), "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "w_bits: 4" in printed and "CIFAR10DataModule" in printed and "kl_temperature: 4.0" in printed
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs/imagenet").glob("*.yaml")))
+def test_imagenet_configs_parse(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--config", str(ROOT / "configs/imagenet" / name), "--print_config"])
+    assert exit_.value.code == 0
+    assert "ImageFolderDataModule" in capsys.readouterr().out
+
+
+def test_cli_fit_then_test_from_checkpoint(tmp_path, capsys):
+    config = str(ROOT / "configs/cifar10/vit_w4a4.yaml")
+    common = ["--config", config, "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
+              "--data.init_args.num_calib", "32", "--data.init_args.batch_size", "16"]
+    cli_main(["fit", *common, "--model.config.iters", "2", "--model.config.init_samples", "16"])
+    log_dir = tmp_path / "vit_w4a4" / "version_0"
+    report = json.loads((log_dir / "adfq_report.json").read_text())
+    printed = capsys.readouterr().out
+    assert "FP Top-1" in printed and "W4A4 Top-1" in printed
+    assert {"val", "val_fp"} <= set(report["evaluation"])
+    cli_main(["test", *common, "--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt")])
+    report = json.loads((tmp_path / "vit_w4a4" / "version_1" / "adfq_report.json").read_text())
+    assert report["evaluation"]["test"]["top1"] == pytest.approx(
+        json.loads((log_dir / "adfq_report.json").read_text())["evaluation"]["val"]["top1"])

@@ -7,13 +7,11 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .api import is_converted, prepare
+from .api import is_calibrated, is_converted, prepare
 from .config import ADFQConfig
-from .quantizers import Quantizer
 from .reconstruction import Reconstructor
 from .reconstruction.sharding import shard_by_rank
 from .report import build_report, write_report
@@ -36,10 +34,6 @@ def find_vit(pl_module: pl.LightningModule, model_attr: Optional[str]) -> nn.Mod
             return module
     raise TypeError(f"{type(pl_module).__name__} holds no timm VisionTransformer/SwinTransformer: pass "
                     "ADFQCallback(model_attr='<attribute of your model>').")
-
-
-def is_calibrated(model: nn.Module) -> bool:
-    return any(bool(q.calibrated) for q in model.modules() if isinstance(q, Quantizer) and q.observes_activations)
 
 
 class ADFQCallback(Callback):
@@ -78,6 +72,9 @@ class ADFQCallback(Callback):
             return  # a quantized checkpoint is about to be loaded into the swapped modules
         images, ids, n = shard_by_rank(self._calibration_batches(trainer), trainer.global_rank, trainer.world_size,
                                        self.num_calib)
+        if n < self.num_calib and trainer.is_global_zero:
+            log.warning("ADFQCallback: num_calib=%d but the calibration loader yields only %d images; calibrating on "
+                        "those %d. Give more images or lower num_calib to silence this.", self.num_calib, n, n)
         model.to(trainer.strategy.root_device).eval()
         engine = Reconstructor(model, self.config, images, ids, n)
         engine.run(log=lambda name, it, terms: self._log(trainer, name, it, terms))
@@ -97,9 +94,10 @@ class ADFQCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({f"recon/{name}/{k}": v for k, v in terms.items()}, step=iteration)
 
-    @rank_zero_only
     def _write_report(self, trainer: pl.Trainer, model_name: str) -> None:
-        log_dir = trainer.log_dir or trainer.default_root_dir
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank calls it
+        if not trainer.is_global_zero:
+            return
         path = write_report(build_report(self.config, self.stages, model_name, trainer.world_size), log_dir)
         log.info("ADFQ report written to %s", path)
 

@@ -29,16 +29,16 @@ class ADFQCLI(LightningCLI):
             self.model.set_float_mode(float_mode)
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         self.model.set_float_mode(False)
-        self._print_summary()
+        self._print_summary(self.trainer.log_dir)  # log_dir is a broadcast under DDP: every rank asks for it
 
     @rank_zero_only
-    def _print_summary(self) -> None:
+    def _print_summary(self, log_dir: Optional[str]) -> None:
         cfg, results = self.model.config, self.model.evaluation
         if "val_fp" in results and "val" in results:
             print(
                 f"\n{self.model.hparams.model}: FP Top-1 {results['val_fp']['top1']:.2f} / Top-5 "
                 f"{results['val_fp']['top5']:.2f} | W{cfg.w_bits}A{cfg.a_bits} Top-1 {results['val']['top1']:.2f} / "
-                f"Top-5 {results['val']['top5']:.2f}\nreport: {self.trainer.log_dir}/{REPORT_NAME}"
+                f"Top-5 {results['val']['top5']:.2f}\nreport: {log_dir}/{REPORT_NAME}"
             )
 
 

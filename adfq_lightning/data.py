@@ -36,10 +36,12 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from adfq_lightning.report import atomic_torch_save
 from adfq_lightning.zoo import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = [
     "DEFAULT_ARCHIVE",
+    "CorruptImageError",
     "LabeledImages",
     "TensorImageDataset",
     "build_bundle",
@@ -87,6 +89,26 @@ def _layout_error(source: Path, split: str, found: str) -> ValueError:
     return ValueError(
         f"{source}: {found}; " + _LAYOUT_HELP.format(split=split, exts=", ".join(IMG_EXTENSIONS))
     )
+
+
+class CorruptImageError(ValueError):
+    """An image file that cannot be decoded."""
+
+
+def _decode_rgb(data: bytes | str | Path, where: str | Path) -> Image.Image:
+    """Decode one image file fully, as RGB (grayscale, palette, RGBA and CMYK images are converted).
+
+    A corrupt or truncated file stops the run with an error naming it: a calibration or evaluation set
+    that silently shrinks would give results that cannot be reproduced or compared.
+    """
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            return image.convert("RGB")  # convert() loads every pixel: truncation shows here, not later
+    except (OSError, SyntaxError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise CorruptImageError(
+            f"{where}: corrupt or truncated image ({type(err).__name__}: {err}); delete or replace the file "
+            "(corrupt images are not skipped, so the image set stays the one the seed selects)."
+        ) from err
 
 
 def _match(relpath: str, split: str) -> str | None:
@@ -139,7 +161,7 @@ def decode_image_folder(
         data = torch.load(cache, weights_only=True)
         return LabeledImages(data["images"], data["labels"], data["classes"])
 
-    entries = sorted((cls, rel, pil_to_tensor(Image.open(io.BytesIO(raw)).convert("RGB")))
+    entries = sorted((cls, rel, pil_to_tensor(_decode_rgb(raw, f"{source}:{rel}")))
                      for rel, cls, raw in _iter_images(source, split))
     if not entries:
         raise _layout_error(source, split, "found no images")
@@ -152,10 +174,8 @@ def decode_image_folder(
     images = torch.stack([img for _, _, img in entries])
     labels = torch.tensor([class_to_idx[cls] for cls, _, _ in entries], dtype=torch.int64)
 
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"images": images, "labels": labels, "classes": classes}, tmp)
-    tmp.replace(cache)  # atomic: a concurrent reader never sees a half-written cache
+    # atomic, with a unique temporary name: concurrent writers (DDP ranks) never see or make a half-written cache
+    atomic_torch_save({"images": images, "labels": labels, "classes": classes}, cache)
     return LabeledImages(images, labels, classes)
 
 
@@ -197,7 +217,8 @@ def calibration_indices(
     if candidates is None:
         candidates = torch.arange(len(labels))
     if num > len(candidates):
-        raise ValueError(f"Asked for {num} calibration images but only {len(candidates)} are available")
+        raise ValueError(f"Asked for {num} calibration images but only {len(candidates)} are available: set "
+                         f"num_calib <= {len(candidates)} (CLI: --data.init_args.num_calib) or add images")
     generator = torch.Generator().manual_seed(seed)
     candidates = candidates[torch.randperm(len(candidates), generator=generator)]
     cand_labels = labels[candidates]
@@ -232,8 +253,7 @@ def build_bundle(
     train_idx, val_idx = split_indices(data.labels, val_per_class)
     calib_idx = calibration_indices(data.labels, num_calib, seed, candidates=train_idx)
     path = Path(path) if path else Path(__file__).parent / "assets" / "cifar10_bundle.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
+    atomic_torch_save({
         "calib_images": data.images[calib_idx].clone(),
         "calib_labels": data.labels[calib_idx].clone(),
         "val_images": data.images[val_idx].clone(),
@@ -391,6 +411,11 @@ class CIFAR10DataModule(_CalibrationDataModule):
         self.eval_set = TensorImageDataset(val_images, val_labels, transform)
 
 
+def _load_image_file(path: str) -> Image.Image:
+    """ImageFolder's loader, as RGB, with an error naming a corrupt file (see :func:`_decode_rgb`)."""
+    return _decode_rgb(path, path)
+
+
 class ImageFolderDataModule(_CalibrationDataModule):
     """ImageNet-style tree ``root/train/<class>/*`` (calibration) and ``root/val/<class>/*``
     (evaluation), preprocessed with timm's eval transform for ``data_config`` (timm's defaults
@@ -414,7 +439,7 @@ class ImageFolderDataModule(_CalibrationDataModule):
         if not (self.root / split).is_dir():
             raise FileNotFoundError(f"No '{split}' directory under {self.root}; {layout}")
         try:
-            return ImageFolder(self.root / split, transform=transform)
+            return ImageFolder(self.root / split, transform=transform, loader=_load_image_file)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{self.root / split}: {err}; {layout}") from err
 
@@ -427,5 +452,17 @@ class ImageFolderDataModule(_CalibrationDataModule):
             raise ValueError(f"{self.root}: train and val have different class folders")
         self.classes = train.classes
         labels = torch.tensor(train.targets, dtype=torch.int64)
-        self.calib_set = Subset(train, calibration_indices(labels, self.num_calib, self.seed).tolist())
+        calib = calibration_indices(labels, self.num_calib, self.seed).tolist()
+        corrupt = []
+        for i in calib:  # decode the calibration images now: a bad one stops the run before any model work
+            try:
+                _load_image_file(train.samples[i][0])
+            except CorruptImageError as err:
+                corrupt.append(str(err).split(": corrupt")[0])
+        if corrupt:
+            raise CorruptImageError(
+                f"{len(corrupt)} of the {len(calib)} calibration images are corrupt or truncated: {corrupt[:5]}; "
+                "delete or replace them (corrupt images are not skipped, so the image set stays the one the seed "
+                "selects).")
+        self.calib_set = Subset(train, calib)
         self.eval_set = val

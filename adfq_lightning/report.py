@@ -8,9 +8,10 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .config import ADFQConfig
 
@@ -40,6 +41,22 @@ def atomic_torch_save(obj: object, path: Union[str, Path]) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(path, buffer.getvalue())
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written like every other adfq-lightning file: temp file beside it, fsync, rename.
+
+    Lightning's own writer (``_atomic_save``) stages the bytes in a temporary file of the *system* temp
+    directory and ``shutil.move``-s it into place: an atomic rename only when that directory is on the same
+    filesystem as the checkpoint, else a plain copy that a kill or a full disk can leave half written, and
+    never fsync-ed. Use ``Trainer(plugins=[AtomicCheckpointIO()])`` (CLI: ``--trainer.plugins
+    adfq_lightning.report.AtomicCheckpointIO``). Remote (``scheme://``) paths go through Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path: Union[str, Path], storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
 
 
 def package_versions() -> dict[str, str]:

@@ -139,5 +139,9 @@ def create_model(
         bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"{checkpoint_path} has NaN/Inf values in {bad[:5]}: the checkpoint is corrupt.")
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        try:
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        except RuntimeError as err:  # torch's missing/unexpected/size-mismatch report
+            raise ValueError(f"{checkpoint_path} does not fit {name!r} built with {kwargs or 'its defaults'}: build the "
+                             f"model it was trained as (model_kwargs: num_classes, img_size, ...). {err}") from err
     return model.eval()

@@ -28,8 +28,11 @@ from adfq_lightning import ADFQCallback, ADFQConfig, ADFQModule
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10,
                 pretrained_cfg_overlay=dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3))
-N_CALIB, N_VAL = 24, 21  # 21 validation images over 2 ranks: DistributedSampler pads one duplicate
+# 23 calibration and 21 validation images over 2 ranks: DistributedSampler pads each with one duplicate
+N_CALIB, N_VAL = 23, 21
 CONFIG = dict(iters=4, batch_size=8, init_samples=12)
+# batch_size 3 over 2 ranks: some iterations draw no sample of one rank's shard (it still joins the all-reduce)
+CALLBACK_CONFIG = dict(iters=4, batch_size=3, init_samples=12)
 
 
 def images(n: int, seed: int) -> torch.Tensor:
@@ -40,15 +43,15 @@ class Data(pl.LightningDataModule):
     def __init__(self, data_config: dict | None = None) -> None:
         super().__init__()
         self.calib = TensorDataset(images(N_CALIB, 3), torch.zeros(N_CALIB, dtype=torch.long))
-        # labels correlated with the logits of the random tiny model are not needed: any fixed labels make
-        # Top-1/Top-5 sensitive to every sample (a lost or double-counted one changes the value)
+        # any fixed labels do: Top-1/Top-5 count hits over the 21 images, and counting the padding duplicate (or
+        # losing a sample) turns k/21 into j/22 (or j/20), never equal to it for 0 < k < 21
         self.val = TensorDataset(images(N_VAL, 4), torch.arange(N_VAL) % 10)
 
     def train_dataloader(self):
-        return DataLoader(self.calib, batch_size=5)  # uneven: 12 per rank in batches of 5, 5, 2
+        return DataLoader(self.calib, batch_size=5)  # 12 per rank (one is padding) in batches of 5, 5, 2
 
     def val_dataloader(self):
-        return DataLoader(self.val, batch_size=4)
+        return DataLoader(self.val, batch_size=5)  # rank 1: 11 samples in batches of 5, 5, 1 (the 1 is padding)
 
     def test_dataloader(self):
         return self.val_dataloader()
@@ -61,9 +64,9 @@ def make_trainer(devices: int, root: Path, **kwargs) -> pl.Trainer:
                       enable_model_summary=False, enable_progress_bar=False, **kwargs)
 
 
-def probe(model: torch.nn.Module) -> torch.Tensor:
+def probe(model: torch.nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
     with torch.no_grad():
-        return model(images(6, 5))
+        return model(images(6, 5) if x is None else x)
 
 
 def run_module(out: Path, devices: int) -> dict:
@@ -82,6 +85,7 @@ def run_module(out: Path, devices: int) -> dict:
     tester = make_trainer(devices, root / "reload", logger=False)
     tester.test(reloaded, datamodule=data, ckpt_path=str(root / "ckpt" / "last.ckpt"), verbose=False)
     return {"state_dict": module.model.state_dict(), "logits": probe(module.model),
+            "val_logits": probe(module.model, data.val.tensors[0]), "val_labels": data.val.tensors[1],
             "reloaded_logits": probe(reloaded.model), "evaluation": module.evaluation,
             "reloaded_evaluation": reloaded.evaluation, "log_dir": trainer.log_dir,
             "stats": [s.stats for s in module.engine.stages], "world_size": trainer.world_size,
@@ -97,23 +101,23 @@ class UserModule(pl.LightningModule):
         self.net = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT)
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1]), sync_dist=True)
+        self.net(batch[0])
 
 
 def run_callback(out: Path, devices: int) -> dict:
     module = UserModule()
     calib = DataLoader(TensorDataset(images(N_CALIB, 3)), batch_size=7)
-    callback = ADFQCallback(ADFQConfig(**CONFIG), calib_dataloader=calib, num_calib=20)
+    callback = ADFQCallback(ADFQConfig(**CALLBACK_CONFIG), calib_dataloader=calib, num_calib=20)
     root = out / "callback"
     trainer = make_trainer(devices, root, callbacks=[callback], logger=False)
-    metrics = trainer.validate(module, dataloaders=Data().val_dataloader(), verbose=False)
-    return {"state_dict": module.net.state_dict(), "logits": probe(module.net), "metrics": metrics,
+    trainer.validate(module, dataloaders=Data().val_dataloader(), verbose=False)
+    return {"state_dict": module.net.state_dict(), "logits": probe(module.net),
             "stats": [s.stats for s in callback.stages], "rank": trainer.global_rank}
 
 
-def main() -> None:
-    out, devices = Path(sys.argv[1]), int(sys.argv[2])
-    paths = sys.argv[3].split(",") if len(sys.argv) > 3 else ["module", "callback"]
+def main(argv: list[str]) -> None:
+    out, devices = Path(argv[0]), int(argv[1])
+    paths = argv[2].split(",") if len(argv) > 2 else ["module", "callback"]
     for path in paths:
         result = {"module": run_module, "callback": run_callback}[path](out, devices)
         torch.save(result, out / f"{path}_rank{result['rank']}.pt")
@@ -121,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -258,10 +258,6 @@ def test_record_scores_exposes_pre_softmax_scores(tiny_model, arch, images, quan
     if arch == "swin":
         assert kwargs["mask"] is not None  # the shifted block: scores include the window mask
         assert (attn.scores < -50).any()
-    if not quantized:
-        # the recorded scores are the float model's q k^T * scale (+ bias / mask)
-        probs = attn.scores.softmax(-1)
-        assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
     attn.record_scores = False
     attn(x, **kwargs)
     assert attn.scores is None
@@ -278,6 +274,22 @@ def test_recorded_scores_match_timm_attention(tiny_vit, images):
     q, k, _ = reference.qkv(x).reshape(2, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)
     expected = (q * reference.scale) @ k.transpose(-2, -1)
     assert torch.allclose(attn.scores, expected, atol=1e-5)
+
+
+def test_recorded_scores_match_timm_window_attention(tiny_swin, images):
+    reference = copy.deepcopy(tiny_swin.layers[0].blocks[1].attn)
+    prepare(tiny_swin, ADFQConfig())
+    set_quantization(tiny_swin, False)
+    attn, x, kwargs = block_input(tiny_swin, images[:2])
+    mask = kwargs["mask"]
+    attn.record_scores = True
+    with torch.no_grad():
+        attn(x, mask=mask)
+        q, k, _ = reference.qkv(x).reshape(x.shape[0], x.shape[1], 3, reference.num_heads, -1).permute(2, 0, 3, 1, 4)
+        expected = (q * reference.scale) @ k.transpose(-2, -1) + reference._get_rel_pos_bias()
+        windows, n = mask.shape[0], x.shape[1]
+        expected = (expected.view(-1, windows, reference.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0))
+    assert torch.allclose(attn.scores, expected.view(-1, reference.num_heads, n, n), atol=1e-5)
 
 
 def make_masks(batch, heads, tokens):

@@ -435,6 +435,22 @@ def test_state_dict_round_trip_into_fresh_quantizer(index):
         assert torch.equal(v, state[k]), k
 
 
+@pytest.mark.parametrize("make, x", [
+    (lambda: UniformQuantizer(4), torch.zeros(2, 5, 8)),
+    (lambda: UniformQuantizer(4, granularity="token"), torch.full((2, 5, 8), 3.0)),
+    (lambda: PerPatchOutlierQuantizer(4), torch.full((2, 5, 8), 7.0)),  # every element an outlier
+    (lambda: LogSqrt2Quantizer(4), torch.zeros(2, 5, 8)),
+    (lambda: ShiftLog2Quantizer(4), torch.zeros(2, 5, 8)),
+    (lambda: AdaRoundQuantizer(4), torch.zeros(5, 8)),
+])
+def test_constant_calibration_is_finite(make, x):
+    q = make()
+    q.calibrate(x)
+    y = q(x)
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y, x, atol=1e-6)
+
+
 # -- bad inputs -----------------------------------------------------------------------------------------------------
 ALL_CLASSES = [
     UniformQuantizer,

@@ -28,7 +28,11 @@ class AttentionScores(nn.Module):
         self.record_scores = False
         self.scores: Optional[torch.Tensor] = None
 
-    def _build_products(self, config: ADFQConfig, name: str) -> None:
+    def _wrap_projections(self, attn: nn.Module, config: ADFQConfig, name: str) -> None:
+        """Quantized qkv/proj (sharing the float weights), the two quantized products, the float dropouts."""
+        self.qkv = QuantLinear(attn.qkv, config, f"{name}.qkv", role="qkv_input")
+        self.proj = QuantLinear(attn.proj, config, f"{name}.proj", role="proj_input")
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
         act = config.activation_quantizer
         self.matmul_qk = QuantMatMul(act(name, "q"), act(name, "k"))
         self.matmul_av = QuantMatMul(act(name, "attn_probs"), act(name, "v"))
@@ -48,11 +52,8 @@ class QuantAttention(AttentionScores):
             raise UnsupportedModuleError(f"{name}: gated timm Attention is not supported by the quantized wrapper.")
         self.num_heads, self.head_dim, self.attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
         self.scale = attn.scale
-        self.qkv = QuantLinear(attn.qkv, config, f"{name}.qkv", role="qkv_input")
         self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, attn.norm
-        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        self.proj = QuantLinear(attn.proj, config, f"{name}.proj", role="proj_input")
-        self._build_products(config, name)
+        self._wrap_projections(attn, config, name)
 
     @classmethod
     def from_float(cls, module: Attention, config: ADFQConfig, name: str) -> "QuantAttention":

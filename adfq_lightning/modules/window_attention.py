@@ -9,7 +9,6 @@ from timm.models.swin_transformer import WindowAttention
 
 from ..config import ADFQConfig
 from .attention import AttentionScores
-from .linear import QuantLinear
 from .registry import register
 
 
@@ -23,10 +22,7 @@ class QuantWindowAttention(AttentionScores):
         self.window_size, self.window_area = attn.window_size, attn.window_area
         self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
-        self.qkv = QuantLinear(attn.qkv, config, f"{name}.qkv", role="qkv_input")
-        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        self.proj = QuantLinear(attn.proj, config, f"{name}.proj", role="proj_input")
-        self._build_products(config, name)
+        self._wrap_projections(attn, config, name)
 
     @classmethod
     def from_float(cls, module: WindowAttention, config: ADFQConfig, name: str) -> "QuantWindowAttention":

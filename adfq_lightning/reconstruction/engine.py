@@ -9,6 +9,7 @@ the global batch mean, so summing gradients over ranks reproduces the single-pro
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -89,10 +90,19 @@ class Reconstructor:
         self.images = images.to(self.cache_device, torch.float32)
         self.sample_ids = sample_ids.to(torch.long).cpu()
         self.num_samples = num_samples
+        if config.batch_size > num_samples:
+            warnings.warn(f"batch_size={config.batch_size} is larger than the {num_samples} calibration images: "
+                          f"reconstruction uses batches of {num_samples}. Give at least batch_size images (1024 in the "
+                          "paper) to run the recipe as configured.", stacklevel=2)
+            self.config = config = config.replace(batch_size=num_samples)
+        if num_samples < world()[1]:  # raised on every rank alike (a lone failing rank would hang the others)
+            raise ValueError(f"{num_samples} calibration images cannot be sharded over {world()[1]} ranks: give at "
+                             "least one image per rank.")
         self.local_row = torch.full((num_samples,), -1, dtype=torch.long)
         self.local_row[self.sample_ids] = torch.arange(len(self.sample_ids))
         learnable = {id(p) for group in _learnable(model) for p in group}
-        for p in model.parameters():  # only rounding variables and step sizes are ever trained
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        for p in model.parameters():  # only rounding variables and step sizes are trained; restored at the end
             p.requires_grad_(id(p) in learnable)
         set_quantization(model, False)
         self.units = build_units(model, self.images[:1].to(self.device))
@@ -120,6 +130,10 @@ class Reconstructor:
         for s, stats in zip(self.stages, state["stats"]):
             s.stats = dict(stats)
         self._cached_unit, self._stage_ready = -1, False
+        if self.done:  # resumed from the last checkpoint of a finished run: leave the model as finish_stage does
+            set_quantization(self.model, True)
+            for p, flag in self._requires_grad:
+                p.requires_grad_(flag)
 
     @property
     def stage_ready(self) -> bool:
@@ -256,12 +270,16 @@ class Reconstructor:
             noise = torch.rand((cfg.batch_size, *x.shape[1:]), generator=gen)[positions].to(self.device)
             x = torch.where(noise < cfg.qdrop_prob, x, self.t_fp[rows].to(self.device))
         with torch.enable_grad(), self._recording(module):
-            out, scores = self._forward(module, x)
-            rec = output_loss(out, self.out_fp[rows].to(self.device), cfg.rec_p, self.per_sample_norm, cfg.batch_size)
-            kl = torch.zeros((), device=self.device)
-            if cfg.attn_kl and scores is not None and self.scores_fp is not None:
-                kl = attention_kl(scores, self.scores_fp[rows].to(self.device), cfg.kl_temperature,
-                                  scores[0].numel() // scores.shape[-1], cfg.batch_size)
+            rec = kl = torch.zeros((), device=self.device)
+            # Under DDP a rank may hold none of this iteration's global batch: it adds nothing to rec/kl (and an
+            # empty forward would fail), but still takes part in the gradient all-reduce below.
+            if len(rows):
+                out, scores = self._forward(module, x)
+                rec = output_loss(out, self.out_fp[rows].to(self.device), cfg.rec_p, self.per_sample_norm,
+                                  cfg.batch_size)
+                if cfg.attn_kl and scores is not None and self.scores_fp is not None:
+                    kl = attention_kl(scores, self.scores_fp[rows].to(self.device), cfg.kl_temperature,
+                                      scores[0].numel() // scores.shape[-1], cfg.batch_size)
             beta = rounding_beta(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
             rnd = torch.zeros((), device=self.device)
             if it >= cfg.warmup * cfg.iters:
@@ -269,7 +287,8 @@ class Reconstructor:
             loss = rec + kl / cfg.kl_lambda + rnd / world_size
             for opt in optimizers:
                 opt.zero_grad(set_to_none=False)
-            loss.backward()
+            if loss.requires_grad:  # not when this rank has no samples and the rounding term is still off
+                loss.backward()
         self._sync_gradients()
         optimizers[1].param_groups[0]["lr"] = cosine_lr(cfg.scale_lr, it, cfg.iters)
         for opt in optimizers:
@@ -307,6 +326,8 @@ class Reconstructor:
         self.stage, self.iteration, self._stage_ready = self.stage + 1, 0, False
         if self.done:
             set_quantization(self.model, True)
+            for p, flag in self._requires_grad:
+                p.requires_grad_(flag)
             del self.x_q, self.x_fp
         return stage
 

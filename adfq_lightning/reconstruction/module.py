@@ -8,7 +8,6 @@ import lightning.pytorch as pl
 import timm.data
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..api import prepare
@@ -33,12 +32,13 @@ class ADFQModule(pl.LightningModule):
         pretrained: load published weights (the shipped fp16 weights for the reference models).
         checkpoint_path: a local state_dict to load instead.
         model_kwargs: extra ``timm.create_model`` arguments (``num_classes``, ``img_size``...).
-        config: the quantization recipe.
+        config: the quantization recipe (an ADFQConfig; a dict of its fields is accepted too, as checkpoints store it).
+            Typed as ADFQConfig only so that the CLI rejects unknown keys instead of passing them on in a dict.
         iters_per_step: reconstruction iterations per training step.
     """
 
     def __init__(self, model: str = "vit_cifar", pretrained: bool = True, checkpoint_path: Optional[str] = None,
-                 model_kwargs: Optional[dict[str, Any]] = None, config: Optional[Union[ADFQConfig, dict]] = None,
+                 model_kwargs: Optional[dict[str, Any]] = None, config: Optional[ADFQConfig] = None,
                  iters_per_step: int = 10) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -64,6 +64,24 @@ class ADFQModule(pl.LightningModule):
         if isinstance(self.trainer.progress_bar_callback, TQDMProgressBar):
             callbacks.append(StageProgressBar())  # replaces the default bar
         return callbacks
+
+    def setup(self, stage: str) -> None:
+        # Under DDP, Lightning wraps this module in DistributedDataParallel for ``fit``, but reconstruction never
+        # uses DDP's reducer: the engine calls ``loss.backward()`` itself (not ``manual_backward``, so the reducer
+        # is never prepared) and all-reduces the active stage's gradients in ``Reconstructor._sync_gradients``.
+        # The reducer still holds a gradient accumulator for every parameter it registers, and a quantizer's step
+        # size changes shape when it is calibrated (scalar -> per token/channel, through ``.data``): through such a
+        # stale accumulator autograd silently sums the new gradient back to the old shape. DDP would also
+        # broadcast every buffer from rank 0 in each forward, a collective that hangs when ranks run different
+        # numbers of steps. So DDP is told to leave quantizer state and buffers alone; every rank computes them
+        # identically (quantizers are initialised on gathered data, gradients are summed over ranks).
+        from ..quantizers import Quantizer
+
+        ignore = [f"model.{name}" for name, _ in self.model.named_buffers()]
+        for prefix, module in self.model.named_modules():
+            if isinstance(module, Quantizer):
+                ignore += [f"model.{prefix}.{name}" for name, _ in module.named_parameters()]
+        self._ddp_params_and_buffers_to_ignore = sorted(set(ignore))
 
     def configure_optimizers(self):
         return list(make_optimizers(self.model, self.config))
@@ -134,8 +152,9 @@ class ADFQModule(pl.LightningModule):
         logits = self.model(x)
         start = batch_idx * self._batch_size
         keep = self._real[start : start + x.shape[0]]
-        self.top1.update(logits[keep], y[keep])
-        self.top5.update(logits[keep], y[keep])
+        if keep.any():  # a rank's last batch may be padding only (torchmetrics refuses an empty update)
+            self.top1.update(logits[keep], y[keep])
+            self.top5.update(logits[keep], y[keep])
 
     def on_validation_epoch_start(self) -> None:
         self._eval_epoch_start(self.trainer.val_dataloaders)
@@ -169,13 +188,16 @@ class ADFQModule(pl.LightningModule):
         set_quantization(self.model, not enabled)
         self.eval_tag = "fp" if enabled else "quant"
 
-    @rank_zero_only
     def _write_report(self) -> None:
-        if self.trainer is None or self.trainer.sanity_checking:
+        """Rank 0 writes the report; every rank must call this (``trainer.log_dir`` is a broadcast under DDP)."""
+        if self._trainer is None or self.trainer.sanity_checking:
+            return
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        if not self.trainer.is_global_zero:
             return
         stages = self.engine.stages if self.engine is not None else []
         report = build_report(self.config, stages, self.hparams.model, self.trainer.world_size, self.evaluation)
-        write_report(report, self.trainer.log_dir or self.trainer.default_root_dir)
+        write_report(report, log_dir)
 
 
 class StageProgressBar(TQDMProgressBar):

@@ -8,13 +8,16 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..api import collect_images
+from ..distributed import world
 
 
 def global_positions(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(global id of each local sample, mask of real (non-padding) samples, global dataset size).
+    """(global id of each local sample, mask of the samples this rank owns, global dataset size).
 
     Under Lightning's ``DistributedSampler`` a rank sees positions ``rank, rank + W, ...`` of the (padded)
-    global order; positions past the dataset length are padding duplicates.
+    global order; positions past the dataset length are padding duplicates, not owned. A loader that is not
+    sharded (``Trainer(use_distributed_sampler=False)``) yields every sample on every rank: each rank then owns
+    the strided share ``id % W == rank``, so no sample is counted (or cached) twice.
     """
     sampler = getattr(loader, "sampler", None)
     n = len(loader.dataset)
@@ -22,11 +25,13 @@ def global_positions(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, in
         ids = torch.tensor(list(iter(sampler)), dtype=torch.long)
         positions = sampler.rank + sampler.num_replicas * torch.arange(len(ids))
         return ids, positions < n, n
-    return torch.arange(n), torch.ones(n, dtype=torch.bool), n
+    rank, world_size = world()
+    ids = torch.arange(n)
+    return ids, ids % world_size == rank, n
 
 
 def shard_from_loader(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """This rank's calibration images (padding dropped), their global ids, and the global count."""
+    """This rank's calibration images (padding and other ranks' samples dropped), their global ids, the global count."""
     ids, real, n = global_positions(loader)
     images = collect_images(loader)
     if images.shape[0] != ids.shape[0]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
@@ -42,7 +44,17 @@ class ADFQCLI(LightningCLI):
             )
 
 
+#: Lightning warnings that do not apply to reconstruction: its steps ignore the batch (so resuming mid-epoch
+#: without a stateful loader is exact) and the engine saves state after, not before, the optimizer step.
+IRRELEVANT_WARNINGS = (
+    "Using ModelCheckpoint with manual optimization and every_n_train_steps",
+    "You're resuming from a checkpoint that ended before the epoch ended",
+)
+
+
 def main(args: Optional[list[str]] = None) -> None:
+    for message in IRRELEVANT_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     ADFQCLI(
         ADFQModule,
         LightningDataModule,
@@ -51,6 +63,12 @@ def main(args: Optional[list[str]] = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+    if dist.is_available() and dist.is_initialized():
+        # Lightning leaves the DDP process group up. A gloo rank that exits without destroying it can abort at
+        # interpreter shutdown ("terminate called without an active exception", pytorch/pytorch#190489), and
+        # torchrun/srun then report a finished run as failed. Every rank gets here; the barrier lets none leave first.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 __all__ = ["ADFQCLI", "main"]

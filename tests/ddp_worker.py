@@ -121,6 +121,9 @@ def main(argv: list[str]) -> None:
     for path in paths:
         result = {"module": run_module, "callback": run_callback}[path](out, devices)
         torch.save(result, out / f"{path}_rank{result['rank']}.pt")
+    if torch.distributed.is_initialized():  # as adfq-vit does: no rank leaves while another still talks to it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     (out / f"done_rank{result['rank']}.json").write_text(json.dumps({"paths": paths}))
 
 

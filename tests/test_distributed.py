@@ -33,7 +33,8 @@ from adfq_lightning.reconstruction import Reconstructor, engine, sharding
 from adfq_lightning.api import prepare
 from conftest import build_tiny, make_images
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
+TESTS = Path(__file__).resolve().parent
+WORKER = TESTS / "ddp_worker.py"
 TIMEOUT_S = 300
 RTOL = 1e-5
 
@@ -47,33 +48,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_ddp(out: Path, devices: int) -> None:
-    """Run the worker under Lightning's DDP launcher; wait for every rank's result; leave no process behind."""
+def _ddp_env() -> dict:
+    """This environment minus anything that would make Lightning think a cluster launched us; 127.0.0.1 only."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))  # no cluster/launcher detection from outside
+           if not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))
            and k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     if sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
-    log = out / "log.txt"
+    return env
+
+
+def _run_process_group(cmd: list[str], log: Path, done: list[Path] = ()) -> None:
+    """Run ``cmd`` (rank 0; Lightning starts the other ranks in its process group) until it exits and every
+    ``done`` file exists; fail on an error or after ``TIMEOUT_S``; kill whatever of the group is left."""
     with log.open("wb") as f:
-        proc = subprocess.Popen([sys.executable, str(WORKER), str(out), str(devices)], env=env, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # rank 1 joins this group
-    done = [out / f"done_rank{r}.json" for r in range(devices)]
+        proc = subprocess.Popen(cmd, env=_ddp_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT_S
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not all(p.exists() for p in done):
+        while proc.poll() is None or not all(p.exists() for p in done):
             if proc.poll() not in (None, 0) or time.monotonic() > deadline:
-                pytest.fail(f"DDP worker failed or timed out (rc={proc.poll()}):\n"
+                pytest.fail(f"{' '.join(cmd[1:4])}... failed or timed out (rc={proc.poll()}):\n"
                             + log.read_text(errors="replace")[-6000:])
             time.sleep(0.5)
-        proc.wait(timeout=60)
+        time.sleep(1.0)  # the other ranks leave right after rank 0 (they meet it at a final barrier)
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers only: every rank has written its results
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers only
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def _launch_ddp(out: Path, devices: int) -> None:
+    _run_process_group([sys.executable, str(WORKER), str(out), str(devices)], out / "log.txt",
+                       [out / f"done_rank{r}.json" for r in range(devices)])
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +161,43 @@ def test_ddp_report_written_once_by_rank_zero(runs):
     assert report["world_size"] == 2 and report["evaluation"]["val"]["top1"] == pytest.approx(
         r["evaluation"]["val"]["top1"])
     assert [m["cache_mb"] for m in report["modules"]] == [s["cache_mb"] for s in r["stats"]]
+
+
+@needs_gloo
+def test_cli_fit_and_test_with_ddp(tmp_path):
+    """``adfq-vit fit --trainer.strategy ddp --trainer.devices 2`` then ``test --ckpt_path``: exits 0, no hang.
+
+    Covers what the Trainer-level runs do not: the CLI's evaluation after ``fit`` and its summary (``log_dir`` is
+    a broadcast under DDP, so every rank must ask for it), and a clean process-group shutdown (exit code 0).
+    """
+    import json
+
+    import yaml
+    from robust_helpers import TINY_TIMM_VIT
+
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(tmp_path / "root"),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path), "name": "logs"}},
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True,
+                                                 "save_top_k": 0}}]},
+        "model": {"model": "vit_tiny_patch16_224", "pretrained": False, "model_kwargs": TINY_TIMM_VIT,
+                  "iters_per_step": 4, "config": {"iters": 2, "batch_size": 4, "init_samples": 8}},
+        "data": {"class_path": "ddp_worker.Data"},  # 23 calibration, 21 validation/test images
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cli = [sys.executable, "-m", "adfq_lightning.cli"]
+    _run_process_group(cli + ["fit", "--config", str(tmp_path / "config.yaml")], tmp_path / "fit.txt")
+    assert "W4A4 Top-1" in (tmp_path / "fit.txt").read_text()
+    fit = json.loads((tmp_path / "logs" / "version_0" / "adfq_report.json").read_text())
+    assert fit["world_size"] == 2 and {"val", "val_fp"} <= set(fit["evaluation"])
+    _run_process_group(cli + ["test", "--config", str(tmp_path / "config.yaml"), "--ckpt_path",
+                              str(tmp_path / "ckpt" / "last.ckpt")], tmp_path / "test.txt")
+    test = json.loads((tmp_path / "logs" / "version_1" / "adfq_report.json").read_text())
+    assert test["evaluation"]["test"] == pytest.approx(fit["evaluation"]["val"])  # the same 21 images
 
 
 # -- the pieces, without processes -------------------------------------------------------------------------------

@@ -44,12 +44,12 @@ class MyClassifier(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
 
-def main(iters: int = 100, num_calib: int = 256, limit_val_batches: float = 1.0) -> float:
+def main(iters: int = 100, num_calib: int = 256, limit_val_batches: float = 1.0, root: str = "runs/example") -> float:
     pl.seed_everything(0)
     config = ADFQConfig(w_bits=4, a_bits=4, iters=iters)
     trainer = pl.Trainer(
         callbacks=[ADFQCallback(config, num_calib=num_calib)],
-        accelerator="auto", devices=1, logger=False, limit_val_batches=limit_val_batches,
+        accelerator="auto", devices=1, logger=False, limit_val_batches=limit_val_batches, default_root_dir=root,
     )
     results = trainer.validate(MyClassifier(), datamodule=CIFAR10DataModule(num_calib=num_calib))
     return results[0]["val_acc"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -157,6 +158,14 @@ def test_callback_quantizes_a_users_own_lightning_module(tmp_path):
     out, ref = user(x), reference(x)
     assert not torch.equal(out, ref) and (out - ref).abs().mean() < 0.2 * ref.abs().mean()
     assert (tmp_path / "adfq_report.json").exists()
+
+
+def test_example_script_quantizes_its_own_module(tmp_path):
+    example = runpy.run_path(str(ROOT / "examples" / "quantize_my_lightning_module.py"))
+    accuracy = example["main"](iters=2, num_calib=16, limit_val_batches=2, root=str(tmp_path))
+    assert 0.0 <= accuracy <= 1.0
+    report = json.loads((tmp_path / "adfq_report.json").read_text())
+    assert len(report["modules"]) == 14 and report["config"]["iters"] == 2
 
 
 def test_callback_needs_calibration_images(tmp_path):

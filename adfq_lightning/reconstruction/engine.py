@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -54,6 +55,19 @@ def _learnable(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
     rounding = [q.alpha for q in quantizers if isinstance(q, AdaRoundQuantizer)]
     steps = [p for q in quantizers if id(q) not in nested for p in q.step_sizes()]
     return rounding, steps
+
+
+@contextmanager
+def recording_scores(module: nn.Module) -> Iterator[None]:
+    """Within this context the attention modules inside ``module`` keep their pre-softmax scores."""
+    attn = [m for m in module.modules() if isinstance(m, AttentionScores)]
+    for m in attn:
+        m.record_scores = True
+    try:
+        yield
+    finally:
+        for m in attn:
+            m.record_scores, m.scores = False, None
 
 
 def make_optimizers(model: nn.Module, config: ADFQConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -192,7 +206,7 @@ class Reconstructor:
         self.t_q, self._kwargs = self._capture(stage.unit, module, self.x_q)
         set_quantization(self.model, False)
         self.t_fp, _ = self._capture(stage.unit, module, self.x_fp)
-        with torch.no_grad(), self._recording(module):
+        with torch.no_grad(), recording_scores(module):
             outs = [self._forward(module, b) for b in _batched(self.t_fp)]
         self.out_fp = torch.cat([o for o, _ in outs]).to(self.cache_device)
         self.scores_fp = None if outs[0][1] is None else torch.cat([s for _, s in outs]).to(self.cache_device)
@@ -212,21 +226,6 @@ class Reconstructor:
         for q in self._adaround(module):
             q.soft = cfg.reconstruct
         self._stage_ready = True
-
-    def _recording(self, module: nn.Module):
-        from contextlib import contextmanager
-
-        @contextmanager
-        def ctx():
-            attn = [m for m in module.modules() if isinstance(m, AttentionScores)]
-            for m in attn:
-                m.record_scores = True
-            try:
-                yield
-            finally:
-                for m in attn:
-                    m.record_scores, m.scores = False, None
-        return ctx()
 
     @torch.no_grad()
     def _calibrate(self, module: nn.Module) -> None:
@@ -259,7 +258,7 @@ class Reconstructor:
         if not self._stage_ready:
             self.prepare_stage()
         cfg, stage, it = self.config, self.current, self.iteration
-        module, (rank, world_size) = stage.module, world()
+        module, world_size = stage.module, world()[1]
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.stage * 100_003 + it)
         ids = torch.randint(0, self.num_samples, (cfg.batch_size,), generator=gen)
         rows = self.local_row[ids]
@@ -269,7 +268,7 @@ class Reconstructor:
         if cfg.qdrop_prob < 1.0:
             noise = torch.rand((cfg.batch_size, *x.shape[1:]), generator=gen)[positions].to(self.device)
             x = torch.where(noise < cfg.qdrop_prob, x, self.t_fp[rows].to(self.device))
-        with torch.enable_grad(), self._recording(module):
+        with torch.enable_grad(), recording_scores(module):
             rec = kl = torch.zeros((), device=self.device)
             # Under DDP a rank may hold none of this iteration's global batch: it adds nothing to rec/kl (and an
             # empty forward would fail), but still takes part in the gradient all-reduce below.

@@ -294,6 +294,10 @@ def run_in_subprocess(spec: dict, timeout: Optional[float]) -> dict:
     """Run one configuration in a fresh interpreter; its last BENCH_RESULT line is the result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    if spec.get("omp_wait_policy", "default") != "default":
+        # libgomp's default (spin while waiting) makes every parallel region stall when another process holds
+        # a core: measured 8-13x slower quantize() on a shared 2-core machine; PASSIVE sleeps instead.
+        env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"].upper()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, cwd=REPO)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -336,6 +340,9 @@ def machine_info(args) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": args.device,
+        "omp_wait_policy": args.omp_wait_policy if args.omp_wait_policy != "default"
+        else os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "loadavg_at_start": os.getloadavg()[0],
     }
     for pkg in ("timm", "lightning", "torchmetrics"):
         try:
@@ -379,7 +386,9 @@ def render_markdown(runs: list[dict], data: dict, args) -> str:
         f"{machine.get('cpu_model')}), torch {machine.get('torch')} with {machine.get('torch_threads')} threads, "
         f"timm {machine.get('timm')}, lightning {machine.get('lightning')}, torchmetrics {machine.get('torchmetrics')}, "
         f"Python {machine.get('python')}, device `{machine.get('device')}`"
-        + (f" ({machine['gpu']})" if machine.get("gpu") else "") + ".",
+        + (f" ({machine['gpu']})" if machine.get("gpu") else "")
+        + f", OMP_WAIT_POLICY={machine.get('omp_wait_policy')}; 1-min load average at start "
+        f"{fmt(machine.get('loadavg_at_start'), 1)}.",
         "",
         f"Calibration: the bundle's first {args.num_calib} calibration images (training split); evaluation: the "
         f"first {args.num_val} of the bundle's 5,000 validation images. Reconstruction (`adfq` rows): "
@@ -461,7 +470,7 @@ def render_plot(runs: list[dict], args, path: Path) -> Optional[Path]:
     models = list(dict.fromkeys(r["model"] for r in runs))
     if not models:
         return None
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(5 * len(models), 7), 4.5), squeeze=False)
     markers = {"minmax": "v", "percentile": "^", "adfq_init": "s", "adfq": "o"}
     for ax, model in zip(axes[0], models):
         mr = select(runs, model=model)
@@ -477,10 +486,12 @@ def render_plot(runs: list[dict], args, path: Path) -> Optional[Path]:
         ax.set_xticks(list(args.bits))
         ax.set_xticklabels([bits_label(b, b) for b in args.bits])
         ax.set_ylabel("Top-1 (%)")
-        ax.set_ylim(0, 100)
+        values = [r["top1"] for r in mr]
+        ax.set_ylim(max(0.0, min(values) - 5), min(100.0, max(values) + 3))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Top-1 vs bits (CIFAR-10, {args.num_val} val images; ADFQ {args.iters} iters/module)")
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"Top-1 vs bits, CIFAR-10 ({args.num_val} val images)\nfull ADFQ: {args.iters} reconstruction "
+                 "iters/module", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -537,6 +548,9 @@ def parse_args(argv=None):
     p.add_argument("--num-val", type=int, default=DEFAULT_NUM_VAL, help="validation images (bundle: 5000)")
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every run")
+    p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "default"],
+                   help="OMP_WAIT_POLICY of the runs; passive keeps timings sane when other processes share the "
+                        "cores (default = leave the environment alone)")
     p.add_argument("--device", default="cpu", help="cpu (the benchmarked setting) or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="output directory")
@@ -589,6 +603,10 @@ def main(argv=None) -> int:
         return 0
 
     if not args.report_only:
+        load = os.getloadavg()[0]
+        if load > 0.5:
+            print(f"note: 1-min load average is {load:.1f} on {os.cpu_count()} CPUs: other processes are running, "
+                  "timings will be inflated (each run records the load when it ended).", flush=True)
         data["meta"]["command"] = command
         data["meta"].setdefault("commands", [])
         if command not in data["meta"]["commands"]:
@@ -602,7 +620,8 @@ def main(argv=None) -> int:
                   f"iters={spec['iters']} (load {os.getloadavg()[0]:.1f}) ...", flush=True)
             t0 = time.perf_counter()
             try:
-                result = run_in_subprocess({**spec, "eval_batch_size": args.eval_batch_size}, args.run_timeout)
+                result = run_in_subprocess({**spec, "eval_batch_size": args.eval_batch_size,
+                                            "omp_wait_policy": args.omp_wait_policy}, args.run_timeout)
             except RuntimeError as err:
                 print(f"    FAILED: {err}", file=sys.stderr, flush=True)
                 continue

@@ -318,7 +318,9 @@ class Reconstructor:
             p.grad = None  # else Adam keeps stepping it with zero gradients and rebuilds the state popped here
             for opt in optimizers or ():
                 opt.state.pop(p, None)
-        stage.stats["final_error"] = self.output_error()
+        # Without reconstruction nothing changed since init_error was measured.
+        stage.stats["final_error"] = (self.output_error() if self.config.reconstruct or "init_error" not in stage.stats
+                                      else stage.stats["init_error"])
         stage.stats["iters"] = self.iteration
         stage.stats["seconds"] = stage.stats.get("seconds", 0.0) + time.perf_counter() - self._stage_started
         del self.t_q, self.t_fp, self.out_fp, self.scores_fp

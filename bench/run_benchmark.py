@@ -39,10 +39,11 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
+
+from adfq_lightning.report import atomic_write
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("vit_cifar", "deit_cifar", "swin_cifar")
@@ -102,21 +103,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def weights_fingerprint(model: str, untrained: bool) -> str:
@@ -504,7 +490,7 @@ def render_plot(runs: list[dict], args, path: Path) -> Optional[Path]:
 def write_reports(data: dict, args) -> list[dict]:
     runs = current_runs(data, args)
     out = Path(args.out)
-    atomic_write_text(out / "benchmark.md", render_markdown(runs, data, args))
+    atomic_write(out / "benchmark.md", render_markdown(runs, data, args).encode())
     render_plot(runs, args, out / "top1_vs_bits.png")
     return runs
 
@@ -629,7 +615,7 @@ def main(argv=None) -> int:
             result["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             result["key"] = spec_key(spec)
             data["runs"] = [r for r in data["runs"] if spec_key(r) != spec_key(spec)] + [result]
-            atomic_write_text(json_path, json.dumps(data, indent=1) + "\n")
+            atomic_write(json_path, (json.dumps(data, indent=1) + "\n").encode())
             print(f"    top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  calib {result['calib_seconds']:.1f} s "
                   f"(cpu {result['calib_cpu_seconds']:.1f} s)  peak +{result['peak_mem_mb']:.0f} MB  "
                   f"eval {result['eval_seconds']:.1f} s  run {result['run_seconds']:.1f} s  "

@@ -14,7 +14,7 @@ from .api import is_calibrated, is_converted, prepare
 from .config import ADFQConfig
 from .reconstruction import Reconstructor
 from .reconstruction.sharding import shard_by_rank
-from .report import build_report, write_report
+from .report import write_run_report
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,9 @@ class ADFQCallback(Callback):
                 logger.log_metrics({f"recon/{name}/{k}": v for k, v in terms.items()}, step=iteration)
 
     def _write_report(self, trainer: pl.Trainer, model_name: str) -> None:
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank calls it
-        if not trainer.is_global_zero:
-            return
-        path = write_report(build_report(self.config, self.stages, model_name, trainer.world_size), log_dir)
-        log.info("ADFQ report written to %s", path)
+        path = write_run_report(trainer, self.config, self.stages, model_name)
+        if path is not None:
+            log.info("ADFQ report written to %s", path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict()}

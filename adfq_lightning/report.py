@@ -91,3 +91,15 @@ def write_report(report: dict, log_dir: Union[str, Path]) -> Path:
     path = Path(log_dir) / REPORT_NAME
     atomic_write(path, json.dumps(report, indent=2, default=float).encode())
     return path
+
+
+def write_run_report(trainer, config: ADFQConfig, stages: list, model_name: str,
+                     evaluation: Optional[dict] = None) -> Optional[Path]:
+    """Write a Trainer run's report into its log directory from global rank 0 (None on other ranks).
+
+    Every rank must call it: ``trainer.log_dir`` is a broadcast under DDP.
+    """
+    log_dir = trainer.log_dir or trainer.default_root_dir
+    if not trainer.is_global_zero:
+        return None
+    return write_report(build_report(config, stages, model_name, trainer.world_size, evaluation), log_dir)

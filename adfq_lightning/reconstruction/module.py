@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..api import prepare
 from ..callback import ADFQCallback
 from ..config import ADFQConfig
-from ..report import build_report, write_report
+from ..report import write_run_report
 from ..zoo import create_model
 from .engine import Reconstructor, make_optimizers, set_quantization
 from .sharding import global_positions, shard_from_loader
@@ -192,12 +192,8 @@ class ADFQModule(pl.LightningModule):
         """Rank 0 writes the report; every rank must call this (``trainer.log_dir`` is a broadcast under DDP)."""
         if self._trainer is None or self.trainer.sanity_checking:
             return
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        if not self.trainer.is_global_zero:
-            return
         stages = self.engine.stages if self.engine is not None else []
-        report = build_report(self.config, stages, self.hparams.model, self.trainer.world_size, self.evaluation)
-        write_report(report, log_dir)
+        write_run_report(self.trainer, self.config, stages, self.hparams.model, self.evaluation)
 
 
 class StageProgressBar(TQDMProgressBar):

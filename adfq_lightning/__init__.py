@@ -1,11 +1,14 @@
-"""adfq-lightning: ADFQ-ViT post-training quantization of timm Vision Transformers, as a Lightning plugin."""
+"""adfq-lightning: ADFQ-ViT post-training quantization of timm Vision Transformers, as a Lightning plugin.
 
-__version__ = "0.1.0"
+``import adfq_lightning`` loads the pure-PyTorch core only. ``ADFQCallback`` and ``ADFQModule`` are the
+Lightning face (:mod:`adfq_lightning.lightning`); naming them here imports Lightning on first use.
+"""
 
-from .api import ADFQConfig, load_quantized, prepare, quantize, save_quantized, set_quantization
-from .callback import ADFQCallback
+__version__ = "0.2.0"
+
+from .api import ADFQConfig, prepare, quantize, set_quantization
+from .checkpoint import load_quantized, save_quantized
 from .modules import UnsupportedModuleError, register
-from .reconstruction.module import ADFQModule
 
 __all__ = [
     "ADFQCallback",
@@ -19,3 +22,13 @@ __all__ = [
     "save_quantized",
     "set_quantization",
 ]
+
+_LIGHTNING_NAMES = {"ADFQCallback", "ADFQModule"}
+
+
+def __getattr__(name: str):
+    if name in _LIGHTNING_NAMES:
+        from . import lightning
+
+        return getattr(lightning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -66,22 +66,22 @@ def cifar10_pretrained_cfg(name: str) -> dict:
     )
 
 
-def _vit_cifar() -> nn.Module:
-    return VisionTransformer(**_VIT_KWARGS)
+def _vit_cifar(**overrides) -> nn.Module:
+    return VisionTransformer(**{**_VIT_KWARGS, **overrides})
 
 
-def _deit_cifar() -> nn.Module:
+def _deit_cifar(**overrides) -> nn.Module:
     """DeiT with the distillation token.  No teacher is available for CIFAR-10, so the recipe
     trains the distillation head on the hard labels as well (DeiT hard distillation with the
     ground truth standing in for the teacher); inference averages both heads, as in timm."""
-    return VisionTransformerDistilled(**_VIT_KWARGS)
+    return VisionTransformerDistilled(**{**_VIT_KWARGS, **overrides})
 
 
-def _swin_cifar() -> nn.Module:
-    return SwinTransformer(**_SWIN_KWARGS)
+def _swin_cifar(**overrides) -> nn.Module:
+    return SwinTransformer(**{**_SWIN_KWARGS, **overrides})
 
 
-REFERENCE_MODELS: dict[str, Callable[[], nn.Module]] = {
+REFERENCE_MODELS: dict[str, Callable[..., nn.Module]] = {
     "vit_cifar": _vit_cifar,
     "deit_cifar": _deit_cifar,
     "swin_cifar": _swin_cifar,
@@ -93,11 +93,13 @@ def reference_asset_path(name: str):
     return resources.files("adfq_lightning").joinpath("assets").joinpath(f"{name}.pt")
 
 
-def create_reference_model(name: str, pretrained: bool = False) -> nn.Module:
-    """Build reference model ``name``; with ``pretrained`` load the shipped fp16 weights as float32."""
+def create_reference_model(name: str, pretrained: bool = False, **overrides) -> nn.Module:
+    """Build reference model ``name``; with ``pretrained`` load the shipped fp16 weights as float32.
+
+    ``overrides`` change constructor arguments that keep the weights' shapes (e.g. ``drop_path_rate``)."""
     if name not in REFERENCE_MODELS:
         raise ValueError(f"Unknown reference model {name!r}; choose from {sorted(REFERENCE_MODELS)}.")
-    model = REFERENCE_MODELS[name]()
+    model = REFERENCE_MODELS[name](**overrides)
     model.pretrained_cfg = model.default_cfg = cifar10_pretrained_cfg(name)
     if pretrained:
         asset = reference_asset_path(name)

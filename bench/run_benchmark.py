@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from adfq_lightning.report import atomic_write
+from adfq_lightning.io import atomic_write
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("vit_cifar", "deit_cifar", "swin_cifar")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from adfq_lightning import ADFQCallback, ADFQConfig
-from adfq_lightning.data import CIFAR10DataModule
+from adfq_lightning.lightning import CIFAR10DataModule
 from adfq_lightning.zoo import create_reference_model
 
 

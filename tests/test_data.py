@@ -6,14 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adfq_lightning.data import (
-    CIFAR10DataModule,
-    ImageFolderDataModule,
-    build_bundle,
-    calibration_indices,
-    decode_image_folder,
-    split_indices,
-)
+from adfq_lightning.data import build_bundle, calibration_indices, decode_image_folder, split_indices
+from adfq_lightning.lightning import CIFAR10DataModule, ImageFolderDataModule
 
 CLASSES = ["cat", "ant", "bee"]  # deliberately unsorted: labels must follow sorted order
 PER_CLASS = 6

@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 import ddp_worker
 from adfq_lightning import ADFQConfig
-from adfq_lightning.reconstruction import Reconstructor, engine, sharding
+from adfq_lightning.lightning import sharding
+from adfq_lightning.reconstruction import Reconstructor, engine
 from adfq_lightning.api import prepare
 from conftest import build_tiny, make_images
 
@@ -189,7 +190,7 @@ def test_cli_fit_and_test_with_ddp(tmp_path):
         "data": {"class_path": "ddp_worker.Data"},  # 23 calibration, 21 validation/test images
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    cli = [sys.executable, "-m", "adfq_lightning.cli"]
+    cli = [sys.executable, "-m", "adfq_lightning.lightning.cli"]
     _run_process_group(cli + ["fit", "--config", str(tmp_path / "config.yaml")], tmp_path / "fit.txt")
     assert "W4A4 Top-1" in (tmp_path / "fit.txt").read_text()
     fit = json.loads((tmp_path / "logs" / "version_0" / "adfq_report.json").read_text())

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from adfq_lightning import ADFQCallback, ADFQConfig, ADFQModule
-from adfq_lightning.cli import main as cli_main
+from adfq_lightning.lightning.cli import main as cli_main
 from adfq_lightning.modules import QuantAttention, QuantWindowAttention
 from adfq_lightning.quantizers import AdaRoundQuantizer
-from adfq_lightning.reconstruction.module import StageProgressBar
+from adfq_lightning.lightning import StageProgressBar
 
 from conftest import build_tiny, make_images
 

@@ -1,6 +1,6 @@
 """Issue 6: resume after a kill, safe save/reload, bad inputs, determinism.
 
-The kill tests run the real CLI (``python -m adfq_lightning.cli fit``) in a subprocess, SIGKILL it at a known
+The kill tests run the real CLI (``python -m adfq_lightning.lightning.cli fit``) in a subprocess, SIGKILL it at a known
 checkpoint and resume in this process with ``--ckpt_path last``; the final quantized state_dict must equal,
 tensor for tensor, the one of an uninterrupted run with the same seed.
 """
@@ -23,12 +23,14 @@ import yaml
 from PIL import Image
 
 from adfq_lightning import ADFQConfig, UnsupportedModuleError, load_quantized, prepare, quantize, save_quantized
-from adfq_lightning import report as report_module
+from adfq_lightning import io as io_module
 from adfq_lightning.api import is_converted
-from adfq_lightning.cli import main as cli_main
-from adfq_lightning.data import CorruptImageError, ImageFolderDataModule, decode_image_folder
+from adfq_lightning.lightning.cli import main as cli_main
+from adfq_lightning.data import CorruptImageError, decode_image_folder
+from adfq_lightning.io import atomic_torch_save
+from adfq_lightning.lightning import AtomicCheckpointIO, ImageFolderDataModule
 from adfq_lightning.quantizers import PerPatchOutlierQuantizer, UniformQuantizer
-from adfq_lightning.report import AtomicCheckpointIO, atomic_torch_save, write_report
+from adfq_lightning.lightning.report import write_report
 from adfq_lightning.zoo import create_model
 
 from conftest import build_tiny, make_images
@@ -120,7 +122,7 @@ def test_sigkill_then_resume_from_last_is_bit_identical(uninterrupted, tmp_path,
     pause = {"class_path": "robust_helpers.PauseAt",
              "init_args": {"stage": stage, "iteration": iteration, "ready": str(ready)}}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "adfq_lightning.cli", "fit", "--config",
+    proc = subprocess.Popen([sys.executable, "-m", "adfq_lightning.lightning.cli", "fit", "--config",
                              cli_config(tmp_path, pause)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
@@ -238,9 +240,9 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypat
     before = path.read_bytes()
     if failing == "write":
         fdopen = os.fdopen
-        monkeypatch.setattr(report_module.os, "fdopen", lambda *a, **k: _FailingFile(fdopen(*a, **k)))
+        monkeypatch.setattr(io_module.os, "fdopen", lambda *a, **k: _FailingFile(fdopen(*a, **k)))
     else:
-        monkeypatch.setattr(report_module.os, failing, _enospc)
+        monkeypatch.setattr(io_module.os, failing, _enospc)
     with pytest.raises(OSError) as err:
         atomic_torch_save({"version": torch.tensor(2)}, path)
     assert err.value.errno == errno.ENOSPC
@@ -252,7 +254,7 @@ def test_save_quantized_and_report_are_crash_safe(w4a4_file, tiny_vit, tmp_path,
     before = w4a4_file.read_bytes()
     report = write_report({"model": "a"}, tmp_path)
     report_before = report.read_bytes()
-    monkeypatch.setattr(report_module.os, "replace", _enospc)
+    monkeypatch.setattr(io_module.os, "replace", _enospc)
     with pytest.raises(OSError):
         save_quantized(tiny_vit, w4a4_file, W6A6)
     with pytest.raises(OSError):
@@ -270,7 +272,7 @@ def test_atomic_checkpoint_io_for_lightning_checkpoints(tmp_path, monkeypatch):
     path = tmp_path / "ckpt" / "last.ckpt"
     io.save_checkpoint({"global_step": 1}, path)
     before = path.read_bytes()
-    monkeypatch.setattr(report_module.os, "fsync", _enospc)
+    monkeypatch.setattr(io_module.os, "fsync", _enospc)
     with pytest.raises(OSError):
         io.save_checkpoint({"global_step": 2}, path)
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
@@ -280,12 +282,12 @@ def test_atomic_checkpoint_io_for_lightning_checkpoints(tmp_path, monkeypatch):
 def test_atomic_checkpoint_io_from_the_cli(tmp_path):
     from lightning.pytorch import LightningDataModule
 
-    from adfq_lightning.cli import ADFQCLI, TRAINER_DEFAULTS
-    from adfq_lightning.reconstruction.module import ADFQModule
+    from adfq_lightning.lightning.cli import ADFQCLI, TRAINER_DEFAULTS
+    from adfq_lightning.lightning.module import ADFQModule
 
     cli = ADFQCLI(ADFQModule, LightningDataModule, subclass_mode_data=True, trainer_defaults=TRAINER_DEFAULTS,
                   args=["fit", "--config", cli_config(tmp_path), "--trainer.plugins",
-                        "adfq_lightning.report.AtomicCheckpointIO"])
+                        "adfq_lightning.lightning.AtomicCheckpointIO"])
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
 
@@ -456,7 +458,7 @@ def test_pretrained_without_network_says_how_to_work_offline(tmp_path, monkeypat
 ])
 def test_cli_yaml_with_unknown_key_exits_non_zero_naming_it(tmp_path, capsys, unknown, where):
     cfg = {"model": {"model": "vit_cifar", "pretrained": False},
-           "data": {"class_path": "adfq_lightning.data.CIFAR10DataModule"}}
+           "data": {"class_path": "adfq_lightning.lightning.CIFAR10DataModule"}}
     for section, values in unknown.items():
         for key, value in values.items():
             cfg.setdefault(section, {})[key] = value

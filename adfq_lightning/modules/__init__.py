@@ -1,9 +1,10 @@
 """Quantized modules for timm ViT/DeiT/Swin and the float -> quantized registry."""
 
-from .attention import AttentionScores, QuantAttention
+from .attention import QuantAttention
 from .linear import QuantConv2d, QuantLinear
 from .matmul import QuantMatMul
 from .mlp import QuantMlp
+from .scores import AttentionScores, recording_scores
 from .registry import QUANTIZED_MODULES, UnsupportedModuleError, convert, is_quantized, register
 from .window_attention import QuantWindowAttention
 
@@ -19,5 +20,6 @@ __all__ = [
     "UnsupportedModuleError",
     "convert",
     "is_quantized",
+    "recording_scores",
     "register",
 ]

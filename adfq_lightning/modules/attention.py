@@ -13,23 +13,14 @@ from ..config import ADFQConfig
 from .linear import QuantLinear
 from .matmul import QuantMatMul
 from .registry import UnsupportedModuleError, register
+from .scores import AttentionScores
 
 
-class AttentionScores(nn.Module):
-    """Shared score bookkeeping of the quantized attentions.
-
-    With ``record_scores`` on, the pre-softmax scores of the last call are kept in ``scores`` (softmax them
-    for the probabilities) so that a reconstruction loss can read them without changing what the module
-    returns.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.record_scores = False
-        self.scores: Optional[torch.Tensor] = None
+class QuantizedProjections(AttentionScores):
+    """What every quantized attention holds: quantized qkv/proj, the two quantized products, the float dropouts."""
 
     def _wrap_projections(self, attn: nn.Module, config: ADFQConfig, name: str) -> None:
-        """Quantized qkv/proj (sharing the float weights), the two quantized products, the float dropouts."""
+        """Quantized qkv/proj share the float weights."""
         self.qkv = QuantLinear(attn.qkv, config, f"{name}.qkv", role="qkv_input")
         self.proj = QuantLinear(attn.proj, config, f"{name}.proj", role="proj_input")
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
@@ -37,13 +28,9 @@ class AttentionScores(nn.Module):
         self.matmul_qk = QuantMatMul(act(name, "q"), act(name, "k"))
         self.matmul_av = QuantMatMul(act(name, "attn_probs"), act(name, "v"))
 
-    def _probabilities(self, scores: torch.Tensor) -> torch.Tensor:
-        self.scores = scores if self.record_scores else None
-        return scores.softmax(dim=-1)
-
 
 @register(Attention)
-class QuantAttention(AttentionScores):
+class QuantAttention(QuantizedProjections):
     """timm ``vision_transformer.Attention`` (ViT, DeiT), same signature ``(x, attn_mask, is_causal)``."""
 
     def __init__(self, attn: Attention, config: ADFQConfig, name: str) -> None:

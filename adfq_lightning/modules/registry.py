@@ -7,6 +7,7 @@ from typing import Callable, TypeVar
 from torch import nn
 
 from ..config import ADFQConfig
+from .scores import AttentionScores
 
 T = TypeVar("T", bound=type)
 
@@ -47,8 +48,6 @@ def _unsupported_attention(model: nn.Module, swapped: set[int]) -> list[str]:
     Attention-like: a class named ``*attention*`` with parameters, or a subclass of a registered float
     attention class (registration is by exact type, so the subclass itself is not converted).
     """
-    from .attention import AttentionScores  # deferred: attention.py imports this module
-
     attention_classes = tuple(f for f, q in QUANTIZED_MODULES.items() if issubclass(q, AttentionScores))
     return [
         f"{name} ({type(m).__module__}.{type(m).__qualname__})"

@@ -8,12 +8,12 @@ import torch
 from timm.models.swin_transformer import WindowAttention
 
 from ..config import ADFQConfig
-from .attention import AttentionScores
+from .attention import QuantizedProjections
 from .registry import register
 
 
 @register(WindowAttention)
-class QuantWindowAttention(AttentionScores):
+class QuantWindowAttention(QuantizedProjections):
     """timm ``swin_transformer.WindowAttention`` with signature ``(x, mask)``, x of shape (windows*B, N, C)."""
 
     def __init__(self, attn: WindowAttention, config: ADFQConfig, name: str) -> None:

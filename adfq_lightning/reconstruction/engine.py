@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from ..config import ADFQConfig
 from ..distributed import all_gather_cat, all_reduce_sum, world
-from ..modules import AttentionScores
+from ..modules import AttentionScores, recording_scores
 from ..quantizers import AdaRoundQuantizer, PerPatchOutlierQuantizer, Quantizer, calibrating
 from .losses import attention_kl, cosine_lr, output_loss, rounding_beta
 from .units import build_units, run_until
@@ -55,19 +54,6 @@ def _learnable(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
     rounding = [q.alpha for q in quantizers if isinstance(q, AdaRoundQuantizer)]
     steps = [p for q in quantizers if id(q) not in nested for p in q.step_sizes()]
     return rounding, steps
-
-
-@contextmanager
-def recording_scores(module: nn.Module) -> Iterator[None]:
-    """Within this context the attention modules inside ``module`` keep their pre-softmax scores."""
-    attn = [m for m in module.modules() if isinstance(m, AttentionScores)]
-    for m in attn:
-        m.record_scores = True
-    try:
-        yield
-    finally:
-        for m in attn:
-            m.record_scores, m.scores = False, None
 
 
 def make_optimizers(model: nn.Module, config: ADFQConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import timm.data
@@ -11,11 +11,12 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..api import prepare
-from ..callback import ADFQCallback
 from ..config import ADFQConfig
-from ..report import write_run_report
+from ..reconstruction.engine import Reconstructor, make_optimizers, set_quantization
 from ..zoo import create_model
-from .engine import Reconstructor, make_optimizers, set_quantization
+from .callback import ADFQCallback
+from .progress import StageProgressBar
+from .report import write_run_report
 from .sharding import global_positions, shard_from_loader
 
 
@@ -194,14 +195,3 @@ class ADFQModule(pl.LightningModule):
             return
         stages = self.engine.stages if self.engine is not None else []
         write_run_report(self.trainer, self.config, stages, self.hparams.model, self.evaluation)
-
-
-class StageProgressBar(TQDMProgressBar):
-    """tqdm progress bar that also names the module being reconstructed."""
-
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Union[int, str, float]]:
-        metrics = super().get_metrics(trainer, pl_module)
-        engine = getattr(pl_module, "engine", None)
-        if engine is not None and not engine.done:
-            metrics["module"] = f"{engine.stage + 1}/{len(engine.stages)} {engine.current.name}"
-        return metrics

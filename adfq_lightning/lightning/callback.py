@@ -10,11 +10,11 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .api import is_calibrated, is_converted, prepare
-from .config import ADFQConfig
-from .reconstruction import Reconstructor
-from .reconstruction.sharding import shard_by_rank
+from ..api import is_calibrated, is_converted, prepare
+from ..config import ADFQConfig
+from ..reconstruction import Reconstructor
 from .report import write_run_report
+from .sharding import shard_by_rank
 
 log = logging.getLogger(__name__)
 

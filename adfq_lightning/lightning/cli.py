@@ -10,7 +10,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from .reconstruction.module import ADFQModule
+from .module import ADFQModule
 from .report import REPORT_NAME
 
 TRAINER_DEFAULTS = {

@@ -8,7 +8,9 @@ from fnmatch import fnmatchcase
 from typing import Literal, Optional
 
 from .quantizers import (
+    GRAD_MODES,
     AdaRoundQuantizer,
+    GradMode,
     LogSqrt2Quantizer,
     PerPatchOutlierQuantizer,
     Quantizer,
@@ -20,6 +22,8 @@ from .quantizers import (
 Method = Literal["adfq", "minmax", "percentile"]
 #: Where an activation quantizer sits; decides which quantizer ADFQ puts there.
 Role = Literal["qkv_input", "fc1_input", "fc2_input", "proj_input", "q", "k", "v", "attn_probs", "input"]
+#: Roles whose quantizer feeds a Linear/Conv: the step sizes the reference code learns.
+LINEAR_INPUT_ROLES = ("qkv_input", "fc1_input", "fc2_input", "proj_input", "input")
 
 
 def _default_overrides() -> dict[str, dict[str, int]]:
@@ -56,6 +60,18 @@ class ADFQConfig:
         qdrop_prob: probability of keeping each element of the quantized-prefix input (QDrop); the rest comes
             from the full-precision prefix. 1.0 disables mixing.
         rec_p: exponent of the Lp output reconstruction loss.
+        act_grad: how the loss gradient passes through activation quantizers to their inputs: ``ste`` straight
+            through, ``in_range`` only for values the grid represents, ``none`` not at all (reference code).
+        learn_steps: which activation step sizes reconstruction learns: ``all`` or ``linear_inputs`` (the inputs
+            of qkv, proj, fc1, fc2 and other Linear/Conv layers, as the reference code).
+        weight_grid: ``search`` (percentiles and shrunk ranges, L2.4 error) or ``reference`` (three percentiles,
+            L2 error) for the per-channel weight grid of ADFQ.
+        attn_kl_form: ``keys`` (temperature-softened pre-softmax scores, distribution over keys, KL(P_fp||P_q)) or
+            ``heads`` (the reference code: softmax over the heads axis of the probabilities / T, KL(P_q||P_fp),
+            batch mean).
+        holdout: fraction of the calibration images kept out of the reconstruction updates; the output error
+            before and after reconstruction is measured on them.
+        safeguard: a module whose held-out error got worse keeps its pre-reconstruction state.
         cache_device: where the calibration cache lives (``cpu`` or an accelerator); None = model's device.
         seed: seeds every random choice of reconstruction.
     """
@@ -86,6 +102,12 @@ class ADFQConfig:
     kl_lambda: float = 0.1
     qdrop_prob: float = 0.5
     rec_p: float = 2.0
+    act_grad: GradMode = "ste"
+    learn_steps: Literal["all", "linear_inputs"] = "all"
+    weight_grid: Literal["search", "reference"] = "search"
+    attn_kl_form: Literal["keys", "heads"] = "keys"
+    holdout: float = 0.1
+    safeguard: bool = True
     cache_device: Optional[str] = None
     seed: int = 0
 
@@ -114,6 +136,13 @@ class ADFQConfig:
             raise ValueError(f"warmup={self.warmup!r} must be in [0, 1).")
         if self.kl_temperature <= 0 or self.kl_lambda <= 0:
             raise ValueError("kl_temperature and kl_lambda must be positive.")
+        choices = {"act_grad": GRAD_MODES, "learn_steps": ("all", "linear_inputs"),
+                   "weight_grid": ("search", "reference"), "attn_kl_form": ("keys", "heads")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use one of {allowed}.")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout={self.holdout!r} must be in [0, 1) (0.1 keeps a tenth of the images aside).")
 
     # -- presets ----------------------------------------------------------------------------------------------
     @classmethod
@@ -149,8 +178,10 @@ class ADFQConfig:
 
     def weight_quantizer(self, module_name: str) -> AdaRoundQuantizer:
         bits = self.bits_for(module_name)[0]
-        if self.method == "adfq":
-            q = AdaRoundQuantizer(bits, granularity="channel", search="mse")
+        if self.method == "adfq" and self.weight_grid == "reference":
+            q = AdaRoundQuantizer(bits, granularity="channel", search="percentile_mse", p=2.0)
+        elif self.method == "adfq":
+            q = AdaRoundQuantizer(bits, granularity="channel", search="mse", p=2.4)
         else:
             q = AdaRoundQuantizer(bits, granularity="tensor", search=self._baseline_search(), percentile=self.percentile)
         q.name = f"{module_name}.weight"
@@ -158,18 +189,18 @@ class ADFQConfig:
 
     def activation_quantizer(self, module_name: str, role: Role) -> Quantizer:
         """The quantizer for one activation tensor, chosen by where it sits (the method's table)."""
-        bits = self.bits_for(module_name)[1]
+        bits, grad = self.bits_for(module_name)[1], self.act_grad
         q: Quantizer
         if self.method != "adfq":
-            q = UniformQuantizer(bits, search=self._baseline_search(), percentile=self.percentile)
+            q = UniformQuantizer(bits, search=self._baseline_search(), percentile=self.percentile, grad=grad)
         elif role in ("qkv_input", "fc1_input") and self.ppoq:
             threshold = self.qkv_outlier_threshold if role == "qkv_input" else self.fc1_outlier_threshold
-            q = PerPatchOutlierQuantizer(bits, threshold=threshold)
+            q = PerPatchOutlierQuantizer(bits, threshold=threshold, grad=grad)
         elif role == "fc2_input" and self.slq:
-            q = ShiftLog2Quantizer(bits, base=self.slq_base)
+            q = ShiftLog2Quantizer(bits, base=self.slq_base, grad=grad)
         elif role == "attn_probs" and self.log_softmax:
-            q = LogSqrt2Quantizer(bits)
+            q = LogSqrt2Quantizer(bits, grad=grad)
         else:
-            q = UniformQuantizer(bits, search="mse")
-        q.name = f"{module_name}.{role}"
+            q = UniformQuantizer(bits, search="mse", grad=grad)
+        q.name, q.role = f"{module_name}.{role}", role
         return q

@@ -7,9 +7,12 @@ linear warm-up then cosine decay, label smoothing, stochastic depth, random crop
 RandAugment, gradient clipping, bf16 autocast on a GPU.  It trains on the 45,000-image training part
 of the deterministic split (``adfq_lightning.data``) and validates on the 5,000 held-out images.
 
-``--time-budget S`` measures the first epoch and then fixes the number of epochs to what fits in
-``S`` seconds (at most ``--epochs``); the cosine schedule is stretched to that count, and the count
-is logged and saved, so ``--epochs <that count>`` reproduces the run.
+``--time-budget S`` measures the second epoch (the first includes start-up) and then fixes the number
+of epochs to what fits in ``S`` seconds (at most ``--epochs``); the cosine schedule is stretched to
+that count, and the count is logged and saved, so ``--epochs <that count>`` reproduces the run.
+
+``--init-from DIR`` starts from ``DIR/<model>.pt`` (fp16 weights of an earlier run) instead of a
+random initialisation: a second cosine cycle (warm restart) continues a run whose schedule ended.
 
 A killed run resumes from ``<run-dir>/<model>/checkpoints/last.ckpt`` when started again with the
 same arguments.  After every validation epoch (so a usable asset exists even if the run is cut
@@ -68,17 +71,21 @@ class ReferenceTrainer(L.LightningModule):
 
     def __init__(self, model_name: str, lr: float, min_lr: float, weight_decay: float, warmup_epochs: int,
                  label_smoothing: float, drop_path: float, randaugment: str, batch_size: int,
-                 asset_path: Path, summary_path: Path, time_budget: float | None = None):
+                 asset_path: Path, summary_path: Path, time_budget: float | None = None,
+                 init_from: str | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["asset_path", "summary_path", "time_budget"])
         self.model = create_reference_model(model_name, drop_path_rate=drop_path).train()  # zoo returns eval()
+        if init_from:
+            state = torch.load(Path(init_from) / f"{model_name}.pt", map_location="cpu", weights_only=True)
+            self.model.load_state_dict({k: v.float() for k, v in state.items()})
         if hasattr(self.model, "set_distilled_training"):
             self.model.set_distilled_training(True)
         self.val_top1 = MulticlassAccuracy(num_classes=self.model.num_classes, average="micro")
         self.asset_path, self.summary_path, self.time_budget = asset_path, summary_path, time_budget
         self.train_seconds = 0.0  # wall time, accumulated across resumed runs via the checkpoint
         self.best_top1 = 0.0
-        self.total_epochs = 0  # fixed in on_fit_start (or after epoch 1 under a time budget)
+        self.total_epochs = 0  # fixed in on_fit_start (or after epoch 2 under a time budget)
         self._clock = 0.0
 
     # -- schedule -------------------------------------------------------------------------------------------
@@ -130,8 +137,8 @@ class ReferenceTrainer(L.LightningModule):
         now = time.perf_counter()
         epoch_seconds = now - self._clock
         self.train_seconds, self._clock = self.train_seconds + epoch_seconds, now
-        if self.time_budget and self.current_epoch == 0 and self.trainer.ckpt_path is None:
-            fits = int(self.time_budget // epoch_seconds)
+        if self.time_budget and self.current_epoch == 1 and self.trainer.ckpt_path is None:
+            fits = 2 + int((self.time_budget - self.train_seconds) // epoch_seconds)
             self.total_epochs = max(self.hparams.warmup_epochs + 1, min(self.trainer.max_epochs, fits))
         self.best_top1 = max(self.best_top1, top1)
         self.export(top1)
@@ -159,7 +166,9 @@ class ReferenceTrainer(L.LightningModule):
             "precision": str(self.trainer.precision),
             "torch_threads": torch.get_num_threads(),
             "reproduce": f"python recipes/train_reference.py --model {self.hparams.model_name} "
-                         f"--epochs {self.total_epochs}",
+                         f"--epochs {self.total_epochs} --lr {self.hparams.lr} "
+                         f"--warmup-epochs {self.hparams.warmup_epochs}"
+                         + (f" --init-from {self.hparams.init_from}" if self.hparams.init_from else ""),
         }, indent=2) + "\n").encode())
 
     def on_save_checkpoint(self, checkpoint):
@@ -215,6 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--drop-path", type=float, default=0.1)
     parser.add_argument("--randaugment", default="rand-m9-n2-mstd0.5",
                         help="timm RandAugment config string; '' for crop + flip only")
+    parser.add_argument("--init-from", default=None, help="directory of fp16 weights <model>.pt to start from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--num-workers", type=int, default=0)
@@ -236,7 +246,7 @@ def main(argv=None) -> None:
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, drop_path=args.drop_path,
         randaugment=args.randaugment, batch_size=args.batch_size,
         asset_path=args.asset_dir / f"{args.model}.pt", summary_path=args.results_dir / f"{args.model}.json",
-        time_budget=args.time_budget)
+        time_budget=args.time_budget, init_from=args.init_from)
     gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=1, max_epochs=args.epochs, default_root_dir=run_dir,

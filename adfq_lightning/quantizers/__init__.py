@@ -1,12 +1,14 @@
 """Fake-quantizers: pure PyTorch modules, no Lightning inside."""
 
 from .adaround import AdaRoundQuantizer
-from .base import Quantizer, calibrating, check_bits, round_ste
+from .base import GRAD_MODES, GradMode, Quantizer, calibrating, check_bits, round_ste
 from .log2 import LogQuantizer, LogSqrt2Quantizer, ShiftLog2Quantizer
 from .per_patch import PerPatchOutlierQuantizer
 from .uniform import UniformQuantizer
 
 __all__ = [
+    "GRAD_MODES",
+    "GradMode",
     "AdaRoundQuantizer",
     "LogQuantizer",
     "LogSqrt2Quantizer",

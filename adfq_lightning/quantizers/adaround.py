@@ -22,10 +22,11 @@ class AdaRoundQuantizer(Quantizer):
 
     observes_activations = False
 
-    def __init__(self, bits: int, granularity: Granularity = "channel", search: Search = "mse", percentile: float = 0.9999):
+    def __init__(self, bits: int, granularity: Granularity = "channel", search: Search = "mse", percentile: float = 0.9999,
+                 p: float = 2.4):
         super().__init__(bits)
-        # The reference searches weight ranges with an L2.4 error.
-        self.grid = UniformQuantizer(bits, granularity=granularity, search=search, percentile=percentile, p=2.4)
+        # ``p``: exponent of the error the grid search minimises (2.4 as the reference's search for q/k/v).
+        self.grid = UniformQuantizer(bits, granularity=granularity, search=search, percentile=percentile, p=p)
         self.grid.scale.requires_grad_(False)
         self.alpha = nn.Parameter(torch.zeros(()))
         self.soft = False

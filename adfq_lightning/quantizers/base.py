@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
 
 MIN_BITS, MAX_BITS = 2, 8
+
+#: How the gradient of the loss reaches an activation quantizer's *input* during reconstruction:
+#: ``ste`` straight through (uniform grids pass none where they clamp); ``in_range`` straight through only
+#: for values the grid represents (none for clipped values, nor for values a log grid flushes to zero);
+#: ``none`` no input gradient at all (plain rounding, as the reference code). Step sizes learn in every mode.
+GradMode = Literal["ste", "in_range", "none"]
+GRAD_MODES = ("ste", "in_range", "none")
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -41,11 +48,15 @@ class Quantizer(nn.Module):
     #: activation quantizers calibrate from data (see :func:`calibrating`); weight quantizers from their weight.
     observes_activations = True
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, grad: GradMode = "ste") -> None:
         super().__init__()
         self.bits = check_bits(bits)
+        if grad not in GRAD_MODES:
+            raise ValueError(f"grad={grad!r}: use one of {GRAD_MODES}.")
+        self.grad = grad
         self.enabled = True
         self.name = ""  # set by the owning module, for error messages
+        self.role = ""  # where an activation quantizer sits (ADFQConfig's Role), set with the name
         self._calibrate_next = False
         self.register_buffer("calibrated", torch.tensor(False))
 

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .base import Quantizer, quantile
+from .base import GradMode, Quantizer, quantile
 
 Base = Literal["sqrt2", "2"]
 
@@ -19,14 +19,17 @@ class LogQuantizer(Quantizer):
     """Quantize non-negative values to ``delta * base**-k``, ``k = 0 .. 2**bits - 1``, plus an exact zero.
 
     Levels are dense near zero, where most softmax and GELU mass lies. ``delta`` (the top level) is
-    learnable; the integer exponent is detached and the input gradient passes straight through.
+    learnable; the integer exponent is detached and the input gradient follows ``grad`` (see
+    :data:`~adfq_lightning.quantizers.base.GradMode`): with ``in_range`` none reaches values above the top
+    level (clipped) or below the smallest level (flushed to zero). Levels are ``delta * 2 ** (-k / m)``,
+    computed with ``pow`` so that the graph exports to ONNX (which has no ``exp2``).
     With ``shift=True`` a constant found at calibration (minus the smallest value seen, e.g. about 0.17
     after GELU) makes every value positive before quantization and is subtracted again afterwards: one
     fixed offset, not a per-batch minimum, so it can be folded on hardware.
     """
 
-    def __init__(self, bits: int, base: Base = "sqrt2", shift: bool = False) -> None:
-        super().__init__(bits)
+    def __init__(self, bits: int, base: Base = "sqrt2", shift: bool = False, grad: GradMode = "ste") -> None:
+        super().__init__(bits, grad)
         if base not in ("sqrt2", "2"):
             raise ValueError(f"log base={base!r}: use 'sqrt2' or '2'.")
         self.base = base
@@ -38,10 +41,14 @@ class LogQuantizer(Quantizer):
     def _steps_per_octave(self) -> int:
         return 2 if self.base == "sqrt2" else 1
 
-    def _levels_of(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        m = self._steps_per_octave
-        k = (-(y.clamp(min=1e-30) / delta).log2() * m).round().detach()
-        return torch.where(k >= self.levels, torch.zeros_like(y), delta * torch.exp2(-k.clamp(0, self.levels - 1) / m))
+    def _exponents(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Level index k of each value (negative: above the top level; >= levels: below the smallest)."""
+        return (-(y.clamp(min=1e-30) / delta).log2() * self._steps_per_octave).round().detach()
+
+    def _levels_of(self, y: torch.Tensor, delta: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+        k = self._exponents(y, delta) if k is None else k
+        level = delta * torch.pow(2.0, -k.clamp(0, self.levels - 1) / self._steps_per_octave)
+        return torch.where(k >= self.levels, torch.zeros_like(y), level)
 
     def init_from(self, x: torch.Tensor) -> None:
         if self.use_shift:
@@ -59,7 +66,14 @@ class LogQuantizer(Quantizer):
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         y = x + self.shift
-        return self._levels_of(y, self.delta.abs().clamp(min=1e-8)) - self.shift + (x - x.detach())
+        delta = self.delta.abs().clamp(min=1e-8)
+        k = self._exponents(y, delta)
+        out = self._levels_of(y, delta, k) - self.shift
+        if self.grad == "ste":
+            return out + (x - x.detach())
+        if self.grad == "in_range":
+            return out + (x - x.detach()) * ((k >= 0) & (k < self.levels))
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, base={self.base}, shift={self.use_shift}"
@@ -68,12 +82,12 @@ class LogQuantizer(Quantizer):
 class LogSqrt2Quantizer(LogQuantizer):
     """log-sqrt(2) quantizer for post-softmax attention probabilities (values in [0, 1])."""
 
-    def __init__(self, bits: int) -> None:
-        super().__init__(bits, base="sqrt2", shift=False)
+    def __init__(self, bits: int, grad: GradMode = "ste") -> None:
+        super().__init__(bits, base="sqrt2", shift=False, grad=grad)
 
 
 class ShiftLog2Quantizer(LogQuantizer):
     """Shift-Log2 Quantizer (SLQ) for post-GELU activations: shift positive, log-quantize, shift back."""
 
-    def __init__(self, bits: int, base: Base = "sqrt2") -> None:
-        super().__init__(bits, base=base, shift=True)
+    def __init__(self, bits: int, base: Base = "sqrt2", grad: GradMode = "ste") -> None:
+        super().__init__(bits, base=base, shift=True, grad=grad)

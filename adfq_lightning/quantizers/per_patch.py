@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .base import GradMode
 from .uniform import Search, UniformQuantizer
 
 
@@ -17,10 +18,11 @@ class PerPatchOutlierQuantizer(UniformQuantizer):
     full-precision value is kept, a sparse side path on hardware) and are excluded from calibration.
     """
 
-    def __init__(self, bits: int, threshold: float = 5.0, search: Search = "mse", percentile: float = 0.9999) -> None:
+    def __init__(self, bits: int, threshold: float = 5.0, search: Search = "mse", percentile: float = 0.9999,
+                 grad: GradMode = "ste") -> None:
         if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold <= 0:
             raise ValueError(f"outlier threshold={threshold!r} must be a positive number (the reference uses 5 or 10).")
-        super().__init__(bits, granularity="token", search=search, percentile=percentile)
+        super().__init__(bits, granularity="token", search=search, percentile=percentile, grad=grad)
         self.threshold = float(threshold)
         self.register_buffer("outlier_ratio", torch.zeros(()))
 
@@ -31,7 +33,8 @@ class PerPatchOutlierQuantizer(UniformQuantizer):
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         outliers = x.abs() > self.threshold
-        return torch.where(outliers, x, super().fake_quantize(x.masked_fill(outliers, 0.0)))
+        exact = x.detach() if self.grad == "none" else x  # an outlier is represented exactly: in range
+        return torch.where(outliers, exact, super().fake_quantize(x.masked_fill(outliers, 0.0)))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threshold={self.threshold}"

@@ -7,14 +7,17 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .base import Quantizer, quantile, round_ste
+from .base import GradMode, Quantizer, quantile, round_ste
 
 Granularity = Literal["tensor", "channel", "token"]
-Search = Literal["mse", "minmax", "percentile"]
+Search = Literal["mse", "minmax", "percentile", "percentile_mse"]
+SEARCHES = ("mse", "minmax", "percentile", "percentile_mse")
 
 #: Clipping candidates tried by the ``mse`` search: percentiles of each group, then shrunk min/max ranges.
 MSE_PERCENTILES = (0.99, 0.999, 0.9999, 0.99999, 1.0)
 MSE_SHRINK = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+#: Candidates of ``percentile_mse``, the reference code's weight search (best of three percentiles).
+REFERENCE_PERCENTILES = (0.999, 0.9999, 0.99999)
 
 
 class UniformQuantizer(Quantizer):
@@ -22,8 +25,8 @@ class UniformQuantizer(Quantizer):
 
     ``granularity`` picks the groups that share a scale: the whole tensor, each output channel (dim 0 of a
     weight) or each token position (dim -2 of an ``(..., tokens, channels)`` activation). ``search`` picks
-    the clipping range: min/max, a fixed percentile, or the candidate with the lowest Lp error (``mse``,
-    every group searched at once, no Python loop over groups).
+    the clipping range: min/max, a fixed percentile, or the candidate with the lowest Lp error (``mse``:
+    percentiles and shrunk min/max; ``percentile_mse``: three percentiles), every group searched at once.
     """
 
     def __init__(
@@ -33,12 +36,13 @@ class UniformQuantizer(Quantizer):
         search: Search = "mse",
         percentile: float = 0.9999,
         p: float = 2.0,
+        grad: GradMode = "ste",
     ) -> None:
-        super().__init__(bits)
+        super().__init__(bits, grad)
         if granularity not in ("tensor", "channel", "token"):
             raise ValueError(f"granularity={granularity!r}: use 'tensor', 'channel' or 'token'.")
-        if search not in ("mse", "minmax", "percentile"):
-            raise ValueError(f"search={search!r}: use 'mse', 'minmax' or 'percentile'.")
+        if search not in SEARCHES:
+            raise ValueError(f"search={search!r}: use one of {SEARCHES}.")
         if not 0.5 < percentile <= 1.0:
             raise ValueError(f"percentile={percentile!r} must be in (0.5, 1].")
         self.granularity = granularity
@@ -76,6 +80,8 @@ class UniformQuantizer(Quantizer):
             return [(lo, hi)]
         if self.search == "percentile":
             return [(quantile(g, 1 - self.percentile, 1), quantile(g, self.percentile, 1))]
+        if self.search == "percentile_mse":
+            return [(quantile(g, 1 - q, 1), quantile(g, q, 1)) for q in REFERENCE_PERCENTILES]
         pct = [(quantile(g, 1 - q, 1), quantile(g, q, 1)) for q in MSE_PERCENTILES]
         return pct + [(lo * a, hi * a) for a in MSE_SHRINK]
 
@@ -102,7 +108,9 @@ class UniformQuantizer(Quantizer):
                 "scales are static, so calibrate at the image size you run at."
             )
         scale = self.scale.abs().clamp(min=1e-8)
-        q = (round_ste(x / scale) + self.zero_point).clamp(0, self.levels - 1)
+        # ``ste`` and ``in_range`` agree here: clamp already passes no gradient outside the grid's range.
+        codes = (x / scale).round().detach() if self.grad == "none" else round_ste(x / scale)
+        q = (codes + self.zero_point).clamp(0, self.levels - 1)
         return (q - self.zero_point) * scale
 
     def extra_repr(self) -> str:

@@ -4,6 +4,10 @@ The engine is plain PyTorch so that ``quantize()``, the Lightning callback and t
 LightningModule all run the same code. Each rank holds only its shard of the calibration images; every
 random choice is drawn per *global* sample id from a seeded generator, and each rank's loss is its part of
 the global batch mean, so summing gradients over ranks reproduces the single-process run.
+
+A fraction of the calibration images (``config.holdout``) never enters an update: each module's output
+error is measured on them before and after its reconstruction, and with ``config.safeguard`` a module
+whose held-out error got worse is put back to its pre-reconstruction state.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..config import ADFQConfig
+from ..config import LINEAR_INPUT_ROLES, ADFQConfig
 from ..distributed import all_gather_cat, all_reduce_sum, world
 from ..modules import AttentionScores, recording_scores
 from ..quantizers import AdaRoundQuantizer, PerPatchOutlierQuantizer, Quantizer, calibrating
-from .losses import attention_kl, cosine_lr, output_loss, rounding_beta
+from .losses import attention_kl, attention_kl_heads, cosine_lr, output_loss, rounding_beta
 from .units import build_units, run_until
 
 CHUNK = 64  # samples per forward pass while building the cache
@@ -43,17 +47,46 @@ def set_quantization(module: nn.Module, enabled: bool) -> None:
             q.enabled = enabled
 
 
-def _learnable(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def _learnable(module: nn.Module, learn_steps: str = "all") -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(AdaRound variables, activation step sizes) inside ``module``.
 
     A quantizer's ``step_sizes()`` speaks for the quantizers nested inside it: the weight grid inside an
     AdaRound quantizer is a UniformQuantizer too, but it is frozen (AdaRound returns no step sizes).
+    ``learn_steps="linear_inputs"`` keeps only the step sizes of quantizers that feed a Linear/Conv.
     """
     quantizers = [q for q in module.modules() if isinstance(q, Quantizer)]
     nested = {id(m) for q in quantizers for m in q.modules() if m is not q}
     rounding = [q.alpha for q in quantizers if isinstance(q, AdaRoundQuantizer)]
-    steps = [p for q in quantizers if id(q) not in nested for p in q.step_sizes()]
+    steps = [p for q in quantizers if id(q) not in nested and (learn_steps == "all" or q.role in LINEAR_INPUT_ROLES)
+             for p in q.step_sizes()]
     return rounding, steps
+
+
+def holdout_split(num_samples: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out ids, update ids) of the global calibration set, identical on every rank.
+
+    With too few images to keep any aside, both are every image (the errors are then in-sample).
+    """
+    held = min(int(round(fraction * num_samples)), num_samples - 1)
+    if held <= 0:
+        everything = torch.arange(num_samples)
+        return everything, everything
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + 7919))
+    return order[:held].sort().values, order[held:].sort().values
+
+
+def quantizer_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the learnable quantizer parameters of ``module`` (what reconstruction changes)."""
+    rounding, steps = _learnable(module)
+    learnable = {id(p) for p in rounding + steps}
+    return {n: p.detach().clone() for n, p in module.named_parameters() if id(p) in learnable}
+
+
+def undecided_fraction(module: nn.Module) -> float:
+    """Share of AdaRound variables whose soft rounding is still strictly between 0 and 1."""
+    values = [q.rounding() for q in module.modules() if isinstance(q, AdaRoundQuantizer)]
+    total = sum(v.numel() for v in values)
+    return float(sum(((v > 0) & (v < 1)).sum() for v in values)) / total if total else 0.0
 
 
 def make_optimizers(model: nn.Module, config: ADFQConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -100,6 +133,7 @@ class Reconstructor:
                              "least one image per rank.")
         self.local_row = torch.full((num_samples,), -1, dtype=torch.long)
         self.local_row[self.sample_ids] = torch.arange(len(self.sample_ids))
+        self.heldout_ids, self.update_ids = holdout_split(num_samples, config.holdout, config.seed)
         learnable = {id(p) for group in _learnable(model) for p in group}
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         for p in model.parameters():  # only rounding variables and step sizes are trained; restored at the end
@@ -112,6 +146,7 @@ class Reconstructor:
         self._cached_unit = -1
         self._stage_ready = False
         self._stage_started = 0.0
+        self._initial_state: dict[str, torch.Tensor] = {}  # the current stage's quantizers before reconstruction
 
     # -- state ------------------------------------------------------------------------------------------------
     @property
@@ -123,12 +158,14 @@ class Reconstructor:
         return self.stages[self.stage]
 
     def state_dict(self) -> dict:
-        return {"stage": self.stage, "iteration": self.iteration, "stats": [s.stats for s in self.stages]}
+        return {"stage": self.stage, "iteration": self.iteration, "stats": [s.stats for s in self.stages],
+                "initial_state": {k: v.cpu() for k, v in self._initial_state.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.stage, self.iteration = int(state["stage"]), int(state["iteration"])
         for s, stats in zip(self.stages, state["stats"]):
             s.stats = dict(stats)
+        self._initial_state = {k: v.to(self.device) for k, v in state.get("initial_state", {}).items()}
         self._cached_unit, self._stage_ready = -1, False
         if self.done:  # resumed from the last checkpoint of a finished run: leave the model as finish_stage does
             set_quantization(self.model, True)
@@ -200,7 +237,9 @@ class Reconstructor:
         set_quantization(module, True)
         if self.iteration == 0:
             self._calibrate(module)
+            self._initial_state = quantizer_state(module)
             stage.stats["init_error"] = self.output_error()
+            stage.stats["heldout_images"] = int(len(self.heldout_ids)) if len(self.heldout_ids) < self.num_samples else 0
         stage.stats["outlier_ratio"] = {
             q.name: float(q.outlier_ratio) for q in module.modules() if isinstance(q, PerPatchOutlierQuantizer)}
         stage.stats["cache_mb"] = sum(t.numel() * t.element_size() for t in (
@@ -227,16 +266,21 @@ class Reconstructor:
         return [q for q in module.modules() if isinstance(q, AdaRoundQuantizer)]
 
     def _stage_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        return _learnable(self.current.module)
+        return _learnable(self.current.module, self.config.learn_steps)
 
     @torch.no_grad()
-    def output_error(self) -> float:
-        """Global mean output error of the current target on the whole cache (no QDrop)."""
-        module, total = self.current.module, torch.zeros((), dtype=torch.float64)
-        for q, fp in zip(_batched(self.t_q), _batched(self.out_fp)):
-            out, _ = self._forward(module, q)
-            total += output_loss(out, fp.to(self.device), self.config.rec_p, self.per_sample_norm, 1).double().cpu()
-        return float(all_reduce_sum(total.to(self.device)).cpu()) / self.num_samples
+    def output_error(self, ids: Optional[torch.Tensor] = None) -> float:
+        """Global mean output error of the current target (no QDrop) over the global sample ``ids``
+        (default: the held-out images)."""
+        ids = self.heldout_ids if ids is None else ids
+        rows = self.local_row[ids]
+        rows = rows[rows >= 0].to(self.t_q.device)
+        module, total = self.current.module, torch.zeros((), dtype=torch.float64, device=self.device)
+        for chunk in _batched(rows):
+            out, _ = self._forward(module, self.t_q[chunk])
+            total += output_loss(out, self.out_fp[chunk].to(self.device), self.config.rec_p, self.per_sample_norm,
+                                 1).double()
+        return float(all_reduce_sum(total)) / len(ids)
 
     # -- optimisation -----------------------------------------------------------------------------------------
     def step(self, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer]) -> dict[str, float]:
@@ -245,15 +289,17 @@ class Reconstructor:
             self.prepare_stage()
         cfg, stage, it = self.config, self.current, self.iteration
         module, world_size = stage.module, world()[1]
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.stage * 100_003 + it)
-        ids = torch.randint(0, self.num_samples, (cfg.batch_size,), generator=gen)
-        rows = self.local_row[ids]
+        seed = cfg.seed * 1_000_003 + self.stage * 100_003 + it
+        draw = torch.randint(0, len(self.update_ids), (cfg.batch_size,), generator=torch.Generator().manual_seed(seed))
+        rows = self.local_row[self.update_ids[draw]]
         positions = (rows >= 0).nonzero().squeeze(1)
         rows = rows[positions]
         x = self.t_q[rows].to(self.device)
         if cfg.qdrop_prob < 1.0:
-            noise = torch.rand((cfg.batch_size, *x.shape[1:]), generator=gen)[positions].to(self.device)
-            x = torch.where(noise < cfg.qdrop_prob, x, self.t_fp[rows].to(self.device))
+            # drawn on the compute device for the whole global batch, then this rank's rows taken
+            noise_gen = torch.Generator(device=self.device).manual_seed(seed)
+            noise = torch.rand((cfg.batch_size, *x.shape[1:]), generator=noise_gen, device=self.device)
+            x = torch.where(noise[positions.to(self.device)] < cfg.qdrop_prob, x, self.t_fp[rows].to(self.device))
         with torch.enable_grad(), recording_scores(module):
             rec = kl = torch.zeros((), device=self.device)
             # Under DDP a rank may hold none of this iteration's global batch: it adds nothing to rec/kl (and an
@@ -263,8 +309,8 @@ class Reconstructor:
                 rec = output_loss(out, self.out_fp[rows].to(self.device), cfg.rec_p, self.per_sample_norm,
                                   cfg.batch_size)
                 if cfg.attn_kl and scores is not None and self.scores_fp is not None:
-                    kl = attention_kl(scores, self.scores_fp[rows].to(self.device), cfg.kl_temperature,
-                                      scores[0].numel() // scores.shape[-1], cfg.batch_size)
+                    kl_term = attention_kl if cfg.attn_kl_form == "keys" else attention_kl_heads
+                    kl = kl_term(scores, self.scores_fp[rows].to(self.device), cfg.kl_temperature, cfg.batch_size)
             beta = rounding_beta(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
             rnd = torch.zeros((), device=self.device)
             if it >= cfg.warmup * cfg.iters:
@@ -280,8 +326,8 @@ class Reconstructor:
             opt.step()
         terms = all_reduce_sum(torch.stack([rec.detach(), kl.detach(), rnd.detach() / world_size]))
         self.iteration += 1
-        rec_v, kl_v, rnd_v = terms.tolist()
-        return {"rec": rec_v, "kl": kl_v, "round": rnd_v, "beta": beta}
+        # tensors, not floats: reading them would wait for the device every iteration
+        return {"rec": terms[0], "kl": terms[1], "round": terms[2], "beta": torch.tensor(beta)}
 
     def _sync_gradients(self) -> None:
         """Sum the current stage's gradients over ranks (one collective for all of them)."""
@@ -294,19 +340,31 @@ class Reconstructor:
             p.grad = chunk.view_as(p).clone()
 
     def finish_stage(self, optimizers: Optional[tuple[torch.optim.Optimizer, ...]] = None) -> Stage:
-        """Harden the rounding, freeze the stage, free its optimizer state, and move on."""
-        stage = self.current
+        """Harden the rounding, apply the safeguard, freeze the stage, free its optimizer state, and move on."""
+        stage, module, cfg = self.current, self.current.module, self.config
         rounding, steps = self._stage_parameters()
-        for q in self._adaround(stage.module):
+        if cfg.reconstruct:
+            stage.stats["undecided"] = undecided_fraction(module)
+            stage.stats["soft_error"] = self.output_error()
+        for q in self._adaround(module):
             q.soft = False
         for p in rounding + steps:
             p.requires_grad_(False)
             p.grad = None  # else Adam keeps stepping it with zero gradients and rebuilds the state popped here
             for opt in optimizers or ():
                 opt.state.pop(p, None)
-        # Without reconstruction nothing changed since init_error was measured.
-        stage.stats["final_error"] = (self.output_error() if self.config.reconstruct or "init_error" not in stage.stats
-                                      else stage.stats["init_error"])
+        if cfg.reconstruct:
+            stage.stats["reconstructed_error"] = error = self.output_error()
+            stage.stats["reverted"] = cfg.safeguard and error > stage.stats["init_error"]
+            if stage.stats["reverted"]:  # worse on images it never saw: keep nearest rounding and initial steps
+                with torch.no_grad():
+                    for name, value in self._initial_state.items():
+                        module.get_parameter(name).copy_(value)
+                error = stage.stats["init_error"]
+            stage.stats["final_error"] = error
+        else:  # nothing changed since init_error was measured
+            stage.stats["final_error"] = stage.stats["init_error"]
+        self._initial_state = {}
         stage.stats["iters"] = self.iteration
         stage.stats["seconds"] = stage.stats.get("seconds", 0.0) + time.perf_counter() - self._stage_started
         del self.t_q, self.t_fp, self.out_fp, self.scores_fp
@@ -330,5 +388,5 @@ class Reconstructor:
             while not self.stage_complete():
                 terms = self.step(optimizers)
                 if log is not None:
-                    log(self.current.name, self.iteration, terms)
+                    log(self.current.name, self.iteration, {k: float(v) for k, v in terms.items()})
             self.finish_stage(optimizers)

@@ -17,17 +17,27 @@ def output_loss(pred: torch.Tensor, target: torch.Tensor, p: float, per_sample_n
     return (pred - target).abs().pow(p).sum() / (batch * per_sample_norm)
 
 
-def attention_kl(scores_q: torch.Tensor, scores_fp: torch.Tensor, temperature: float, rows: int, batch: int) -> torch.Tensor:
-    """KL(P_fp || P_q) of the temperature-softened attention distributions, averaged over attention rows.
+def attention_kl(scores_q: torch.Tensor, scores_fp: torch.Tensor, temperature: float, batch: int) -> torch.Tensor:
+    """KL(P_fp || P_q) of the temperature-softened attention distributions over keys, averaged over rows.
 
-    Reading of the reference: it applies softmax over the *heads* axis of already-softmaxed probabilities,
-    with the quantized scores as the target. We take the distribution over keys (what attention is), soften
-    the pre-softmax scores with ``temperature`` and use the full-precision scores as the target, as in
-    knowledge distillation.
+    ``scores_*`` are per-sample pre-softmax scores ``(n, maps, heads, queries, keys)``. The distribution over keys is
+    what attention is; the full-precision scores are the target, as in knowledge distillation. (For the
+    reference code's form see :func:`attention_kl_heads`.)
     """
+    rows = scores_q[0].numel() // scores_q.shape[-1]
     log_q = F.log_softmax(scores_q / temperature, dim=-1)
     log_fp = F.log_softmax(scores_fp / temperature, dim=-1)
     return (log_fp.exp() * (log_fp - log_q)).sum() / (batch * rows)
+
+
+def attention_kl_heads(scores_q: torch.Tensor, scores_fp: torch.Tensor, temperature: float, batch: int) -> torch.Tensor:
+    """The reference code's term: ``KLDivLoss(batchmean)(log_softmax(P_fp / T, dim=heads), softmax(P_q / T,
+    dim=heads))`` on the attention *probabilities* P, i.e. KL(P_q || P_fp) across heads, summed over every
+    (query, key) pair and divided by the number of attention maps (images, times windows for Swin)."""
+    maps = scores_q.shape[1]  # per-sample scores are (n, maps, heads, N, N): maps = windows for Swin, else 1
+    log_fp = F.log_softmax(scores_fp.softmax(-1) / temperature, dim=2)
+    log_q = F.log_softmax(scores_q.softmax(-1) / temperature, dim=2)
+    return (log_q.exp() * (log_q - log_fp)).sum() / (batch * maps)
 
 
 def rounding_beta(iteration: int, iters: int, warmup: float, start: float, end: float) -> float:

@@ -15,7 +15,7 @@ from .reconstruction import Reconstructor, check_supported, set_quantization
 
 CalibData = Union[torch.Tensor, Iterable]
 
-__all__ = ["ADFQConfig", "collect_images", "is_calibrated", "is_converted", "prepare", "quantize", "set_quantization"]
+__all__ = ["ADFQConfig", "activation_quantizers", "collect_images", "is_calibrated", "is_converted", "prepare", "quantize", "set_quantization"]
 
 
 def collect_images(calib_data: CalibData, limit: Optional[int] = None) -> torch.Tensor:
@@ -43,9 +43,17 @@ def is_converted(model: nn.Module) -> bool:
     return any(is_quantized(m) for m in model.modules())
 
 
+def activation_quantizers(model: nn.Module) -> list[Quantizer]:
+    """The quantizers of activations (not the weight grids nested in weight quantizers)."""
+    quantizers = [q for q in model.modules() if isinstance(q, Quantizer)]
+    nested = {id(m) for q in quantizers if not q.observes_activations for m in q.modules()}
+    return [q for q in quantizers if id(q) not in nested]
+
+
 def is_calibrated(model: nn.Module) -> bool:
-    """True once activation quantizers hold calibrated (or loaded) parameters."""
-    return any(bool(q.calibrated) for q in model.modules() if isinstance(q, Quantizer) and q.observes_activations)
+    """True once a converted model's activation quantizers all hold calibrated (or loaded) parameters."""
+    acts = activation_quantizers(model)
+    return bool(acts) and all(bool(q.calibrated) for q in acts)
 
 
 def _check_images(model: nn.Module, images: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ from .config import ADFQConfig
 from .io import atomic_torch_save
 from .quantizers import Quantizer
 
-__all__ = ["RECIPE_FIELDS", "load_quantized", "save_quantized"]
+__all__ = ["RECIPE_FIELDS", "load_quantized", "recipe_differences", "save_quantized"]
 
 
 def save_quantized(model: nn.Module, path: Union[str, Path], config: ADFQConfig, model_name: str = "") -> None:
@@ -27,6 +27,12 @@ def save_quantized(model: nn.Module, path: Union[str, Path], config: ADFQConfig,
 #: Fields of ADFQConfig that decide which quantizers a model holds (the rest only steer calibration).
 RECIPE_FIELDS = ("w_bits", "a_bits", "overrides", "method", "ppoq", "qkv_outlier_threshold", "fc1_outlier_threshold",
                  "slq", "slq_base", "log_softmax")
+
+
+def recipe_differences(saved: ADFQConfig, asked: ADFQConfig) -> list[str]:
+    """What differs between two recipes in the fields that decide which quantizers a model holds."""
+    return [f"{f}={getattr(saved, f)!r} in the file, {getattr(asked, f)!r} asked"
+            for f in RECIPE_FIELDS if getattr(saved, f) != getattr(asked, f)]
 
 
 def _quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -70,8 +76,7 @@ def load_quantized(model: nn.Module, path: Union[str, Path], model_name: str = "
         raise ValueError(f"{path} holds a quantized {blob['model_name']}, not a {expected}: load it into the same model.")
     saved = ADFQConfig(**blob["config"])
     if config is not None:
-        differ = [f"{f}={getattr(saved, f)!r} in the file, {getattr(config, f)!r} asked"
-                  for f in RECIPE_FIELDS if getattr(saved, f) != getattr(config, f)]
+        differ = recipe_differences(saved, config)
         if differ:
             raise ValueError(f"{path} was quantized W{saved.w_bits}A{saved.a_bits} with another recipe than the "
                              f"W{config.w_bits}A{config.a_bits} one asked for: {'; '.join(differ)}. Load the file "

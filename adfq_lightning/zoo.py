@@ -1,22 +1,27 @@
 """Small reference Vision Transformers for 32x32 CIFAR-10, built from timm's own classes.
 
-They stand in for ImageNet checkpoints: small enough to train on a CPU in minutes, yet made of
+They stand in for ImageNet checkpoints: small enough to quantize on a CPU in minutes, yet made of
 timm's standard ``Attention`` / ``Mlp`` / Swin ``WindowAttention`` blocks, so the quantizer sees
 exactly the module types it sees in real timm models.  The fp16 weights shipped in
 ``adfq_lightning/assets/<name>.pt`` are produced by ``recipes/train_reference.py``.
+
+``<name>_outliers`` is the stress variant of each (:mod:`adfq_lightning.stress`): the same function, with
+ImageNet-like outlier channels after its LayerNorms, chosen on the bundle's first 256 calibration images.
 """
 
 from __future__ import annotations
 
 from importlib import resources
-from typing import Callable, Optional
+from typing import Callable
 
-import timm
 import torch
 from torch import nn
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
+
+from .data.cifar10 import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, cifar10_eval_transform, load_bundle
+from .stress import add_outlier_channels
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -24,16 +29,11 @@ __all__ = [
     "CIFAR10_CLASSES",
     "REFERENCE_MODELS",
     "cifar10_pretrained_cfg",
-    "create_model",
     "create_reference_model",
+    "is_reference_model",
     "reference_asset_path",
 ]
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)
 NUM_CLASSES = len(CIFAR10_CLASSES)
 IMG_SIZE = 32
 
@@ -86,6 +86,9 @@ REFERENCE_MODELS: dict[str, Callable[..., nn.Module]] = {
     "deit_cifar": _deit_cifar,
     "swin_cifar": _swin_cifar,
 }
+#: Stress variants: ``<reference model>_outliers`` (see the module docstring).
+OUTLIER_SUFFIX = "_outliers"
+STRESS_VARIANTS = tuple(f"{name}{OUTLIER_SUFFIX}" for name in REFERENCE_MODELS)
 
 
 def reference_asset_path(name: str):
@@ -93,57 +96,30 @@ def reference_asset_path(name: str):
     return resources.files("adfq_lightning").joinpath("assets").joinpath(f"{name}.pt")
 
 
+def is_reference_model(name: str) -> bool:
+    """A reference CIFAR-10 model or its stress variant (else a timm model name)."""
+    return name.removesuffix(OUTLIER_SUFFIX) in REFERENCE_MODELS
+
+
 def create_reference_model(name: str, pretrained: bool = False, **overrides) -> nn.Module:
     """Build reference model ``name``; with ``pretrained`` load the shipped fp16 weights as float32.
 
     ``overrides`` change constructor arguments that keep the weights' shapes (e.g. ``drop_path_rate``)."""
-    if name not in REFERENCE_MODELS:
-        raise ValueError(f"Unknown reference model {name!r}; choose from {sorted(REFERENCE_MODELS)}.")
-    model = REFERENCE_MODELS[name](**overrides)
+    base = name.removesuffix(OUTLIER_SUFFIX)
+    if base not in REFERENCE_MODELS:
+        raise ValueError(f"Unknown reference model {name!r}; choose from {sorted(REFERENCE_MODELS) + list(STRESS_VARIANTS)}.")
+    model = REFERENCE_MODELS[base](**overrides)
     model.pretrained_cfg = model.default_cfg = cifar10_pretrained_cfg(name)
     if pretrained:
-        asset = reference_asset_path(name)
+        asset = reference_asset_path(base)
         if not asset.is_file():
             raise FileNotFoundError(
-                f"No pretrained weights for {name!r} at adfq_lightning/assets/{name}.pt. "
-                f"Train them with: python recipes/train_reference.py --model {name}"
+                f"No pretrained weights for {base!r} at adfq_lightning/assets/{base}.pt. "
+                f"Train them with: python recipes/train_reference.py --model {base}"
             )
         with asset.open("rb") as f:
             state_dict = torch.load(f, map_location="cpu", weights_only=True)
         model.load_state_dict({k: v.float() for k, v in state_dict.items()})
-    return model.eval()
-
-
-def create_model(
-    name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs
-) -> nn.Module:
-    """A reference CIFAR-10 model (``vit_cifar`` ...) or any timm model by name, in eval mode.
-
-    ``pretrained=True`` takes timm's published weights (network or a populated Hugging Face cache);
-    ``checkpoint_path`` loads a local state_dict instead (e.g. your own fine-tuned ViT).
-    """
-    if name in REFERENCE_MODELS:
-        model = create_reference_model(name, pretrained=pretrained)
-    else:
-        try:
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
-        except Exception as err:  # hub/network errors come as many types; unknown names are re-raised as is
-            if not pretrained or "Unknown model" in str(err):
-                raise
-            raise RuntimeError(
-                f"could not fetch pretrained weights for {name!r} ({type(err).__name__}: {err}). Offline? Put the "
-                "weights in the Hugging Face cache and set HF_HUB_OFFLINE=1, or set pretrained: false and "
-                "checkpoint_path: <local file>."
-            ) from err
-    if checkpoint_path:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise ValueError(f"{checkpoint_path} has NaN/Inf values in {bad[:5]}: the checkpoint is corrupt.")
-        try:
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-        except RuntimeError as err:  # torch's missing/unexpected/size-mismatch report
-            raise ValueError(f"{checkpoint_path} does not fit {name!r} built with {kwargs or 'its defaults'}: build the "
-                             f"model it was trained as (model_kwargs: num_classes, img_size, ...). {err}") from err
+    if name != base:
+        add_outlier_channels(model, cifar10_eval_transform()(load_bundle()["calib_images"][:256]))
     return model.eval()

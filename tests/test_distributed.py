@@ -217,12 +217,15 @@ def test_rank_without_samples_in_the_global_batch_steps():
 
 
 def test_unsharded_loader_under_ddp_is_split_by_rank(monkeypatch):
-    """Trainer(use_distributed_sampler=False): every rank iterates everything, each keeps (and counts) id % W."""
+    """An un-sharded loader (calibration, or Trainer(use_distributed_sampler=False)): every rank iterates
+    everything, each keeps (and counts) id % W."""
     from torch.utils.data import DataLoader, TensorDataset
 
     loader = DataLoader(TensorDataset(make_images(5), torch.zeros(5)), batch_size=2)
     monkeypatch.setattr(sharding, "world", lambda: (1, 2))
-    images, ids, n = sharding.shard_from_loader(loader)
+    ids, owned, n = sharding.global_positions(loader)
+    assert n == 5 and ids[owned].tolist() == [1, 3]
+    images, ids, n = sharding.shard_by_rank(loader, rank=1, world_size=2)
     assert n == 5 and ids.tolist() == [1, 3] and torch.equal(images, make_images(5)[[1, 3]])
 
 

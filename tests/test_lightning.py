@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from adfq_lightning import ADFQCallback, ADFQConfig, ADFQModule
+from adfq_lightning.lightning import CIFAR10DataModule, ReconstructionSteps, load_quantized_checkpoint
 from adfq_lightning.lightning.cli import main as cli_main
 from adfq_lightning.modules import QuantAttention, QuantWindowAttention
 from adfq_lightning.quantizers import AdaRoundQuantizer
-from adfq_lightning.lightning import StageProgressBar
+from adfq_lightning.lightning import ReconstructionProgressBar
 
 from conftest import build_tiny, make_images
+from lightning_helpers import UserClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10,
@@ -65,30 +71,42 @@ def test_fit_reconstructs_every_stage_as_training_steps(tmp_path):
     assert all(s.stats["iters"] == 4 for s in engine.stages)
     assert isinstance(module.model.blocks[0].attn, QuantAttention)
     assert all(not q.soft for q in module.model.modules() if isinstance(q, AdaRoundQuantizer))
-    # per-module losses reach the logger
-    metrics = (Path(t.log_dir) / "metrics.csv").read_text().splitlines()[0]
-    for key in ("recon/blocks.0.attn/rec", "recon/blocks.0.attn/kl", "recon/blocks.0.mlp/round",
-                "recon/head/init_error", "recon/head/final_error"):
-        assert key in metrics
+    # every module's errors and last losses reach the logger, at steps that never go back
+    rows = list(csv.DictReader((Path(t.log_dir) / "metrics.csv").open()))
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps) and steps[-1] == 6 * 4  # global_step counts reconstruction iterations
+    for stage in engine.stages:
+        for key in ("init_error", "final_error", "undecided", "reverted", "rec", "round"):
+            assert any(r.get(f"recon/{stage.name}/{key}") for r in rows), (stage.name, key)
+    assert any(r.get("recon/blocks.0.attn/kl") for r in rows)
+    assert not any(k.startswith("recon/done") for k in rows[0])
     report = json.loads((Path(t.log_dir) / "adfq_report.json").read_text())
     assert [m["name"] for m in report["modules"]] == [s.name for s in engine.stages]
     assert {"config", "versions", "seed", "modules", "evaluation"} <= set(report)
     assert report["modules"][1]["seconds"] > 0 and "blocks.0.attn.qkv.qkv_input" in report["modules"][1]["outlier_ratio"]
 
 
-def test_progress_bar_names_the_module_being_reconstructed(tmp_path):
+def test_progress_bar_shows_the_whole_run_module_and_loss(tmp_path):
     module = ADFQModule("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_VIT, config=tiny_config(),
-                        iters_per_step=2)
+                        iters_per_step=3)
     seen = []
 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
-            seen.append(trainer.progress_bar_callback.get_metrics(trainer, pl_module))
+            bar = trainer.progress_bar_callback
+            seen.append((bar.get_metrics(trainer, pl_module), bar.train_progress_bar.n, bar.train_progress_bar.total))
 
-    trainer(tmp_path, logger=False, callbacks=[Spy()]).fit(module, datamodule=RandomImages())
-    assert isinstance(module.trainer.progress_bar_callback, StageProgressBar)
-    shown = [m for m in seen if "module" in m]
-    assert any("blocks.0.attn" in m["module"] for m in shown) and "recon/rec" in shown[-1]
+    bar = ReconstructionProgressBar()
+    trainer(tmp_path, logger=pl.loggers.CSVLogger(tmp_path), callbacks=[bar, Spy()]).fit(
+        module, datamodule=RandomImages())
+    assert module.trainer.progress_bar_callback is bar
+    metrics = [m for m, _, _ in seen]
+    assert any(m["module"] == "2/6 blocks.0.attn" for m in metrics) and metrics[-1]["module"] == "6/6 done"
+    assert all("v_num" not in m for m in metrics) and all("recon/loss" in m for m in metrics)
+    # one bar for the whole run: 6 modules x 4 iterations, counted in iterations, ending full
+    assert {total for _, _, total in seen} == {24}
+    counts = [n for _, n, _ in seen]
+    assert counts == sorted(counts) and counts[-1] == 24 and counts[0] == 3
 
 
 def test_quantized_checkpoint_reloads_with_identical_outputs(tmp_path):
@@ -124,26 +142,6 @@ def test_calibration_is_deterministic_for_a_seed(tmp_path):
         states.append(module.model.state_dict())
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-
-
-class UserClassifier(pl.LightningModule):
-    """A LightningModule the package does not define: a user's own Swin classifier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = build_tiny("swin")
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
 def test_callback_quantizes_a_users_own_lightning_module(tmp_path):
@@ -195,8 +193,11 @@ def test_cli_fit_then_test_from_checkpoint(tmp_path, capsys):
     common = ["--config", config, "--trainer.logger.init_args.save_dir", str(tmp_path),
               "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
               "--data.init_args.num_calib", "32", "--data.init_args.batch_size", "16"]
-    cli_main(["fit", *common, "--model.config.iters", "2", "--model.config.init_samples", "16"])
+    # 14 modules x 5 iterations = 70 iterations: ModelCheckpoint(every_n_train_steps=50) saves at 50 only
+    cli_main(["fit", *common, "--model.config.iters", "5", "--model.config.init_samples", "16"])
     log_dir = tmp_path / "vit_w4a4" / "version_0"
+    last = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 70 and last["adfq_engine"]["stage"] == 14  # the finished model
     report = json.loads((log_dir / "adfq_report.json").read_text())
     printed = capsys.readouterr().out
     assert "FP Top-1" in printed and "W4A4 Top-1" in printed
@@ -205,3 +206,107 @@ def test_cli_fit_then_test_from_checkpoint(tmp_path, capsys):
     report = json.loads((tmp_path / "vit_w4a4" / "version_1" / "adfq_report.json").read_text())
     assert report["evaluation"]["test"]["top1"] == pytest.approx(
         json.loads((log_dir / "adfq_report.json").read_text())["evaluation"]["val"]["top1"])
+
+
+class CountingImages(Dataset):
+    """Calibration images that count how often they are fetched."""
+
+    def __init__(self, n: int) -> None:
+        self.images, self.fetches = make_images(n, seed=3), 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        self.fetches += 1
+        return self.images[i], 0
+
+
+class CalibrationData(pl.LightningDataModule):
+    """The shape of the package's datamodules: calibration images apart, training batches carrying no data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calib = CountingImages(16)
+
+    def calib_dataloader(self):
+        return DataLoader(self.calib, batch_size=8)
+
+    def train_dataloader(self):
+        return DataLoader(ReconstructionSteps(), batch_size=None)
+
+
+def test_fit_fetches_each_calibration_image_once(tmp_path):
+    data = CalibrationData()
+    module = ADFQModule("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_VIT, config=tiny_config(),
+                        iters_per_step=2)
+    trainer(tmp_path, logger=False).fit(module, datamodule=data)
+    assert module.engine.done and data.calib.fetches == 16
+
+
+def test_package_datamodule_train_loader_carries_no_images():
+    data = CIFAR10DataModule(num_calib=8)
+    data.setup("fit")
+    steps = iter(data.train_dataloader())
+    assert [next(steps) for _ in range(3)] == [0, 1, 2]
+    images, _ = next(iter(data.calib_dataloader()))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+
+
+def _user_checkpoint(tmp_path, config):
+    user, callback = UserClassifier(), ADFQCallback(config, num_calib=16)
+    t = trainer(tmp_path, logger=False, callbacks=[callback])
+    t.validate(user, datamodule=RandomImages(), verbose=False)
+    path = tmp_path / "user.ckpt"
+    t.save_checkpoint(path)
+    return user, path
+
+
+class NoCalibration(RandomImages):
+    def train_dataloader(self):
+        raise AssertionError("calibrated again instead of restoring the checkpoint")
+
+
+def test_callback_restores_its_checkpoint_without_recalibrating(tmp_path):
+    user, path = _user_checkpoint(tmp_path, tiny_config())
+    fresh, x = UserClassifier(), make_images(4, seed=6)
+    trainer(tmp_path, logger=False, callbacks=[ADFQCallback(tiny_config(), num_calib=16)]).validate(
+        fresh, datamodule=NoCalibration(), ckpt_path=path, verbose=False)
+    assert isinstance(fresh.net.layers[0].blocks[0].attn, QuantWindowAttention)
+    assert torch.equal(fresh(x), user(x))
+
+
+def test_callback_refuses_a_checkpoint_of_another_recipe(tmp_path):
+    _, path = _user_checkpoint(tmp_path, tiny_config())
+    other = trainer(tmp_path, logger=False, callbacks=[ADFQCallback(tiny_config(w_bits=6, a_bits=6))])
+    with pytest.raises(ValueError, match=r"another recipe.*w_bits=4 in the file, 6 asked"):
+        other.validate(UserClassifier(), datamodule=NoCalibration(), ckpt_path=path, verbose=False)
+
+
+def test_quantized_user_module_reloads_in_a_fresh_process(tmp_path):
+    user, path = _user_checkpoint(tmp_path, tiny_config())
+    x = make_images(4, seed=6)
+    torch.save({"x": x, "out": user(x).detach()}, tmp_path / "expected.pt")
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # what load_from_checkpoint alone does
+        UserClassifier.load_from_checkpoint(path)
+    script = (
+        "import sys, torch\n"
+        "from adfq_lightning.lightning import load_quantized_checkpoint\n"
+        "from lightning_helpers import UserClassifier\n"
+        "module = load_quantized_checkpoint(UserClassifier, sys.argv[1])\n"
+        "expected = torch.load(sys.argv[2], weights_only=True)\n"
+        "assert torch.equal(module(expected['x']), expected['out'])\n"
+        "print('reloaded', type(module.net.layers[0].blocks[0].attn).__name__)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "expected.pt")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reloaded QuantWindowAttention" in done.stdout
+
+
+def test_reloading_a_checkpoint_without_adfq_state_names_the_fix(tmp_path):
+    t = trainer(tmp_path, logger=False)
+    t.validate(UserClassifier(), datamodule=RandomImages(), verbose=False)
+    t.save_checkpoint(tmp_path / "float.ckpt")
+    with pytest.raises(ValueError, match="holds no ADFQCallback state"):
+        load_quantized_checkpoint(UserClassifier, tmp_path / "float.ckpt")

@@ -31,7 +31,7 @@ from adfq_lightning.io import atomic_torch_save
 from adfq_lightning.lightning import AtomicCheckpointIO, ImageFolderDataModule
 from adfq_lightning.quantizers import PerPatchOutlierQuantizer, UniformQuantizer
 from adfq_lightning.lightning.report import write_report
-from adfq_lightning.zoo import create_model
+from adfq_lightning.models import create_model
 
 from conftest import build_tiny, make_images
 from robust_helpers import TINY_TIMM_VIT
@@ -47,7 +47,8 @@ W6A6 = W4A4.replace(w_bits=6, a_bits=6)
 # ---------------------------------------------------------------------------------------------------------------
 
 def cli_config(root: Path, *extra_callbacks: dict) -> str:
-    """A tiny CLI run: 4 stages x 3 iterations, one iteration per training step, a checkpoint after every step.
+    """A tiny CLI run: 4 stages x 3 iterations, one iteration per training step, a checkpoint after every step
+    (a stage is finished at the start of the step after its last iteration: (1, 3) is between two modules).
 
     20 images in batches of 4 make 5 training steps an epoch, so the kills below land mid-epoch.
     """
@@ -116,7 +117,7 @@ def test_fit_path_equals_quantize_api(uninterrupted):
     assert_same_state(model.state_dict(), uninterrupted)
 
 
-@pytest.mark.parametrize("stage, iteration", [(1, 2), (2, 0)], ids=["inside_a_module", "between_two_modules"])
+@pytest.mark.parametrize("stage, iteration", [(1, 1), (1, 3)], ids=["inside_a_module", "between_two_modules"])
 def test_sigkill_then_resume_from_last_is_bit_identical(uninterrupted, tmp_path, stage, iteration):
     ready = tmp_path / "ready.json"
     pause = {"class_path": "robust_helpers.PauseAt",
@@ -143,8 +144,8 @@ def test_sigkill_then_resume_from_last_is_bit_identical(uninterrupted, tmp_path,
     last = tmp_path / "ckpt" / "last.ckpt"
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)  # plain types only
     assert (checkpoint["adfq_engine"]["stage"], checkpoint["adfq_engine"]["iteration"]) == (stage, iteration)
-    assert checkpoint["global_step"] == 4 * stage + iteration  # one optimizer step counted per training step
-    assert checkpoint["global_step"] % 5 != 0  # killed mid-epoch (5 training steps per epoch)
+    assert checkpoint["global_step"] == 3 * stage + iteration  # global_step counts reconstruction iterations
+    assert checkpoint["global_step"] % 5 != 0  # killed mid-epoch (5 training steps of one iteration per epoch)
     assert not (tmp_path / "final.pt").exists()
 
     cli_main(["fit", "--config", cli_config(tmp_path), "--ckpt_path", "last"])

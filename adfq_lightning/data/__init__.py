@@ -8,6 +8,9 @@ from __future__ import annotations
 import warnings
 
 from .cifar10 import (
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
     DEFAULT_ARCHIVE,
     build_bundle,
     cifar10_eval_transform,
@@ -20,6 +23,9 @@ from .decode import CorruptImageError, LabeledImages, decode_image_folder, defau
 from .splits import calibration_indices, split_indices
 
 __all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
     "DEFAULT_ARCHIVE",
     "CorruptImageError",
     "LabeledImages",

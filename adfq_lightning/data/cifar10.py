@@ -16,11 +16,13 @@ import torch
 from torchvision.transforms import v2
 
 from ..io import atomic_torch_save
-from ..zoo import CIFAR10_MEAN, CIFAR10_STD
 from .decode import decode_image_folder
 from .splits import calibration_indices, split_indices
 
 __all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
     "DEFAULT_ARCHIVE",
     "build_bundle",
     "cifar10_eval_transform",
@@ -28,6 +30,12 @@ __all__ = [
     "default_bundle_path",
     "load_bundle",
 ]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
 
 #: CIFAR-10 training archive, as laid out next to a source checkout (``../shared`` of the repo root).
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10" / "train.tar.gz"

@@ -4,17 +4,20 @@ Everything here is built on the pure-PyTorch core (``adfq_lightning.api``); impo
 imports this package.
 """
 
-from .callback import ADFQCallback
+from .callback import ADFQCallback, load_quantized_checkpoint
 from .checkpoint_io import AtomicCheckpointIO
-from .datamodules import CIFAR10DataModule, ImageFolderDataModule
+from .datamodules import CIFAR10DataModule, ImageFolderDataModule, ReconstructionSteps
 from .module import ADFQModule
-from .progress import StageProgressBar
+from .progress import CalibrationProgress, ReconstructionProgressBar
 
 __all__ = [
     "ADFQCallback",
     "ADFQModule",
     "AtomicCheckpointIO",
     "CIFAR10DataModule",
+    "CalibrationProgress",
     "ImageFolderDataModule",
-    "StageProgressBar",
+    "ReconstructionProgressBar",
+    "ReconstructionSteps",
+    "load_quantized_checkpoint",
 ]

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..api import is_calibrated, is_converted, prepare
+from ..checkpoint import recipe_differences
 from ..config import ADFQConfig
+from ..quantizers import Quantizer
 from ..reconstruction import Reconstructor
+from .progress import CalibrationProgress
 from .report import write_run_report
-from .sharding import shard_by_rank
+from .sharding import calibration_shard
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +41,32 @@ def find_vit(pl_module: pl.LightningModule, model_attr: Optional[str]) -> nn.Mod
 
 
 class ADFQCallback(Callback):
-    """Quantize the ViT of a LightningModule (W4A4 by default) when the Trainer sets up.
+    """Quantize the ViT of a LightningModule (W4A4 by default) for any Trainer entry point.
 
-    In ``setup`` — before a strategy wraps the model and before optimizers are built, like Lightning's own
-    model-transforming callbacks — float modules are swapped for quantized ones. Then, unless a checkpoint
-    is about to be restored (``ckpt_path``) or ``calibrate=False`` (the reconstruction LightningModule drives
-    calibration itself as training steps), activation calibration and ASMO reconstruction run on the
-    calibration images: ``calib_dataloader``, else the datamodule's ``train_dataloader()``. Under DDP each
-    rank keeps only its strided shard of them.
+    In ``setup`` (before a strategy wraps the model and before optimizers are built, like Lightning's own
+    model-transforming callbacks) float modules are swapped for quantized ones, their quantizer parameters
+    frozen. Calibration and ASMO reconstruction run at the start of ``fit``/``validate``/``test``/``predict``,
+    after Lightning has restored a checkpoint: a quantized checkpoint (``ckpt_path=``) is loaded as it is, and
+    nothing is recalibrated. Calibration images: ``calib_dataloader``, else the datamodule's
+    ``calib_dataloader()``, else its ``train_dataloader()`` (with a warning, since training loaders augment).
+    Under DDP each rank keeps only its strided shard of them. Progress shows on rank 0.
+
+    The recipe is part of the checkpoint: restoring one made with another recipe (bits, quantizer choices) is
+    refused. To reload your quantized LightningModule outside a Trainer use :func:`load_quantized_checkpoint`.
 
     Args:
         config: the quantization recipe (default: W4A4 ADFQ).
         model_attr: attribute of the LightningModule holding the timm model (default: first ViT found).
-        calib_dataloader: calibration images (tensors or (images, labels) batches).
+        calib_dataloader: calibration images (tensors or (images, labels) batches), with eval transforms.
         num_calib: calibration images used (1024 in the paper).
-        calibrate: False to only swap modules.
     """
 
     def __init__(self, config: Optional[ADFQConfig] = None, model_attr: Optional[str] = None,
-                 calib_dataloader: Optional[DataLoader] = None, num_calib: int = 1024, calibrate: bool = True) -> None:
+                 calib_dataloader: Optional[Any] = None, num_calib: int = 1024) -> None:
         self.config = config or ADFQConfig()
         self.model_attr = model_attr
         self.calib_dataloader = calib_dataloader
         self.num_calib = num_calib
-        self.calibrate = calibrate
         self.stages: list = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -68,36 +74,78 @@ class ADFQCallback(Callback):
         if is_converted(model) and is_calibrated(model):
             return
         prepare(model, self.config)
-        if not self.calibrate or trainer.ckpt_path:
-            return  # a quantized checkpoint is about to be loaded into the swapped modules
-        images, ids, n = shard_by_rank(self._calibration_batches(trainer), trainer.global_rank, trainer.world_size,
-                                       self.num_calib)
-        if n < self.num_calib and trainer.is_global_zero:
-            log.warning("ADFQCallback: num_calib=%d but the calibration loader yields only %d images; calibrating on "
-                        "those %d. Give more images or lower num_calib to silence this.", self.num_calib, n, n)
-        model.to(trainer.strategy.root_device).eval()
-        engine = Reconstructor(model, self.config, images, ids, n)
-        engine.run(log=lambda name, it, terms: self._log(trainer, name, it, terms))
+        for q in model.modules():  # DistributedDataParallel must not track them: their shapes change at calibration
+            if isinstance(q, Quantizer):
+                q.requires_grad_(False)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._calibrate(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._calibrate(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._calibrate(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._calibrate(trainer, pl_module)
+
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Calibrate once, unless a restored checkpoint already did (evaluation loops run under inference mode:
+        reconstruction needs autograd, so it is switched back on here)."""
+        model = find_vit(pl_module, self.model_attr)
+        if is_calibrated(model):
+            return
+        with torch.inference_mode(False), torch.enable_grad():
+            images, ids, n = calibration_shard(trainer, self.calib_dataloader, self.num_calib)
+            if n < self.num_calib and trainer.is_global_zero:
+                log.warning("ADFQCallback: num_calib=%d but the calibration loader yields only %d images; calibrating "
+                            "on those %d. Give more images or lower num_calib to silence this.", self.num_calib, n, n)
+            training = model.training
+            engine = Reconstructor(model.eval(), self.config, images.to(trainer.strategy.root_device), ids, n)
+            progress = CalibrationProgress(trainer, engine)
+            try:
+                engine.run(log=progress.log, log_every=10, on_stage=lambda s: self._log_stage(trainer, s, progress))
+            finally:
+                progress.close()
+            model.train(training)
         self.stages = engine.stages
-        self._write_report(trainer, type(model).__name__)
-
-    def _calibration_batches(self, trainer: pl.Trainer) -> Any:
-        if self.calib_dataloader is not None:
-            return self.calib_dataloader
-        if trainer.datamodule is not None:
-            return trainer.datamodule.train_dataloader()
-        raise ValueError("ADFQCallback needs calibration images: pass calib_dataloader=... or run the Trainer with a "
-                         "datamodule whose train_dataloader() yields them.")
-
-    def _log(self, trainer: pl.Trainer, name: str, iteration: int, terms: dict) -> None:
-        if iteration % 100 == 0 or iteration == self.config.iters:
-            for logger in trainer.loggers:
-                logger.log_metrics({f"recon/{name}/{k}": v for k, v in terms.items()}, step=iteration)
-
-    def _write_report(self, trainer: pl.Trainer, model_name: str) -> None:
-        path = write_run_report(trainer, self.config, self.stages, model_name)
+        path = write_run_report(trainer, self.config, self.stages, type(model).__name__)
         if path is not None:
             log.info("ADFQ report written to %s", path)
 
+    def _log_stage(self, trainer: pl.Trainer, stage, progress: CalibrationProgress) -> None:
+        progress.on_stage(stage)
+        metrics = {f"recon/{stage.name}/{k}": float(v) for k, v in stage.stats.items() if isinstance(v, (int, float))}
+        for logger in trainer.loggers:  # step: iterations done over the whole run, so it only grows
+            logger.log_metrics(metrics, step=progress.engine.progress()[0])
+
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint quantized with another recipe: its quantizers would not fit this config's."""
+        differ = recipe_differences(ADFQConfig(**state_dict["config"]), self.config)
+        if differ:
+            raise ValueError(f"this checkpoint was quantized with another recipe than this ADFQCallback's: "
+                             f"{'; '.join(differ)}. Use the config it was made with (saved under its 'callbacks' "
+                             "entry), or quantize again without ckpt_path.")
+
+
+def load_quantized_checkpoint(module_cls: type[pl.LightningModule], checkpoint_path: Union[str, Path],
+                              model_attr: Optional[str] = None, **kwargs: Any) -> pl.LightningModule:
+    """Reload a LightningModule that :class:`ADFQCallback` quantized, from its Lightning checkpoint.
+
+    ``MyModule.load_from_checkpoint(path)`` alone builds the float model and refuses the quantizer entries of
+    the state_dict; this loads the float part with it, swaps in the quantized modules with the recipe stored in
+    the checkpoint, and loads the complete state. ``kwargs`` go to ``load_from_checkpoint``.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    states = [s for key, s in checkpoint.get("callbacks", {}).items() if key.split("{")[0] == ADFQCallback.__qualname__]
+    if not states:
+        raise ValueError(f"{checkpoint_path} holds no ADFQCallback state: it was not saved by a Trainer with "
+                         "ADFQCallback (for an ADFQModule checkpoint use ADFQModule.load_from_checkpoint).")
+    module = module_cls.load_from_checkpoint(checkpoint_path, strict=False, **kwargs)
+    prepare(find_vit(module, model_attr), ADFQConfig(**states[0]["config"]))
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()

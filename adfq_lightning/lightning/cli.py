@@ -1,4 +1,5 @@
-"""``adfq-vit``: the LightningCLI of adfq-lightning (``fit`` quantizes, ``validate``/``test`` evaluate)."""
+"""``adfq-vit``: the LightningCLI of adfq-lightning (``fit`` quantizes, ``validate``/``test`` evaluate,
+``predict`` writes the quantized model's predictions)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from .module import ADFQModule
+from .predictions import PredictionWriter
 from .report import REPORT_NAME
 
 TRAINER_DEFAULTS = {
@@ -44,11 +46,13 @@ class ADFQCLI(LightningCLI):
             )
 
 
-#: Lightning warnings that do not apply to reconstruction: its steps ignore the batch (so resuming mid-epoch
-#: without a stateful loader is exact) and the engine saves state after, not before, the optimizer step.
+#: Lightning messages that do not apply to reconstruction: its training batches carry no data (so resuming
+#: mid-epoch is exact), the engine saves state after, not before, the optimizer step, and a pytree deprecation
+#: inside Lightning itself.
 IRRELEVANT_WARNINGS = (
     "Using ModelCheckpoint with manual optimization and every_n_train_steps",
     "You're resuming from a checkpoint that ended before the epoch ended",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )
 
 
@@ -59,7 +63,7 @@ def main(args: Optional[list[str]] = None) -> None:
         ADFQModule,
         LightningDataModule,
         subclass_mode_data=True,
-        trainer_defaults=TRAINER_DEFAULTS,
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [PredictionWriter()]},  # the writer acts in predict only
         save_config_kwargs={"overwrite": True},
         args=args,
     )

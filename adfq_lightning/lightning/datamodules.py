@@ -6,15 +6,16 @@ Their ``train_dataloader``/``calib_dataloader`` yield the calibration images (un
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import lightning as L
 import timm.data
 import torch
 from timm.models import PretrainedCfg
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision.datasets import ImageFolder
 
 from ..data.cifar10 import DEFAULT_ARCHIVE, cifar10_eval_transform, load_bundle
@@ -22,11 +23,25 @@ from ..data.datasets import TensorImageDataset
 from ..data.decode import CorruptImageError, decode_image_folder, load_image_file
 from ..data.splits import calibration_indices, split_indices
 
-__all__ = ["CIFAR10DataModule", "ImageFolderDataModule"]
+__all__ = ["CIFAR10DataModule", "ImageFolderDataModule", "ReconstructionSteps"]
+
+
+class ReconstructionSteps(IterableDataset):
+    """What ``ADFQModule.fit`` iterates: one step number per training step, no data.
+
+    Reconstruction draws its batches from the calibration cache it built once, so a training batch of images
+    would be fetched (and, for JPEG folders, decoded) only to be thrown away. Return
+    ``DataLoader(ReconstructionSteps(), batch_size=None)`` from your own datamodule's ``train_dataloader`` to
+    avoid that, and give it a ``calib_dataloader()`` with the calibration images.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count()
 
 
 class _CalibrationDataModule(L.LightningDataModule):
-    """Shared loaders: train/calib = calibration images (unshuffled), val/test = evaluation images."""
+    """Shared loaders: calib = calibration images (unshuffled, eval transforms), val/test/predict = evaluation
+    images, train = :class:`ReconstructionSteps` for ``ADFQModule.fit``."""
 
     def __init__(self, batch_size: int, num_workers: int, num_calib: int, seed: int,
                  data_config: dict | None):
@@ -52,12 +67,15 @@ class _CalibrationDataModule(L.LightningDataModule):
         return self._loader(self.calib_set)
 
     def train_dataloader(self) -> DataLoader:
-        return self.calib_dataloader()
+        return DataLoader(ReconstructionSteps(), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_set)
 
     def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
 

@@ -2,36 +2,43 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import timm.data
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..api import prepare
+from ..api import is_calibrated, prepare
+from ..checkpoint import recipe_differences
 from ..config import ADFQConfig
-from ..reconstruction.engine import Reconstructor, make_optimizers, set_quantization
-from ..zoo import create_model
-from .callback import ADFQCallback
-from .progress import StageProgressBar
+from ..models import create_model
+from ..quantizers import Quantizer
+from ..reconstruction.engine import Reconstructor, Stage, make_optimizer, set_quantization
 from .report import write_run_report
-from .sharding import global_positions, shard_from_loader
+from .sharding import calibration_shard, global_positions
+
+log = logging.getLogger(__name__)
 
 
 class ADFQModule(pl.LightningModule):
     """Quantize a timm ViT/DeiT/Swin with ADFQ-ViT as a ``fit``; evaluate it with ``validate``/``test``.
 
     ``fit`` runs the reconstruction stages (one per attention/MLP/patch-embed/head module) as training
-    steps under manual optimization, each step doing ``iters_per_step`` iterations of the current stage;
-    only that stage's rounding variables and step sizes receive gradients. The quantized modules are
-    injected by :class:`ADFQCallback` in ``setup``; calibration never runs under inference mode.
+    steps under manual optimization: each training step does ``iters_per_step`` reconstruction iterations,
+    each iteration one ``optimizer.step()`` (so ``global_step`` counts iterations). The calibration images
+    come from the datamodule's ``calib_dataloader()`` (``train_dataloader()`` if it has none); the training
+    batches themselves carry no data (see :class:`~adfq_lightning.lightning.datamodules.ReconstructionSteps`).
 
     Args:
-        model: a reference CIFAR-10 model (``vit_cifar``, ``deit_cifar``, ``swin_cifar``) or a timm model name.
+        model: a reference CIFAR-10 model (``vit_cifar``, ``deit_cifar``, ``swin_cifar``, or a ``*_outliers``
+            stress variant) or a timm model name.
         pretrained: load published weights (the shipped fp16 weights for the reference models).
-        checkpoint_path: a local state_dict to load instead.
+        checkpoint_path: a local checkpoint file to load instead (timm's loader: a state_dict, or one under
+            ``model``/``state_dict``/``state_dict_ema``, DDP ``module.`` prefixes stripped).
         model_kwargs: extra ``timm.create_model`` arguments (``num_classes``, ``img_size``...).
         config: the quantization recipe (an ADFQConfig; a dict of its fields is accepted too, as checkpoints store it).
             Typed as ADFQConfig only so that the CLI rejects unknown keys instead of passing them on in a dict.
@@ -44,14 +51,19 @@ class ADFQModule(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.config = ADFQConfig(**config) if isinstance(config, dict) else (config or ADFQConfig())
-        self.save_hyperparameters(ignore=["config"])
-        self.hparams["config"] = self.config.to_dict()  # plain types: the checkpoint loads with weights_only
+        if iters_per_step < 1:
+            raise ValueError(f"iters_per_step={iters_per_step!r} must be a positive integer.")
+        # the recipe as plain types (the checkpoint loads with weights_only, loggers show the bit widths)
+        self.save_hyperparameters({"model": model, "pretrained": pretrained, "checkpoint_path": checkpoint_path,
+                                   "model_kwargs": model_kwargs, "config": self.config.to_dict(),
+                                   "iters_per_step": iters_per_step})
         self.model = create_model(model, pretrained=pretrained, checkpoint_path=checkpoint_path, **(model_kwargs or {}))
         classes = self.model.num_classes
         self.top1 = MulticlassAccuracy(classes, top_k=1, average="micro")
         self.top5 = MulticlassAccuracy(classes, top_k=min(5, classes), average="micro")
         self.engine: Optional[Reconstructor] = None
         self._engine_state: Optional[dict] = None
+        self._stage_terms: Optional[dict] = None  # the current stage's latest loss terms
         self.eval_tag = "quant"
         self.evaluation: dict[str, dict[str, float]] = {}
 
@@ -60,77 +72,80 @@ class ADFQModule(pl.LightningModule):
         """timm's data config of the model (input size, mean/std, interpolation), for the datamodule."""
         return timm.data.resolve_data_config(model=self.model)
 
-    def configure_callbacks(self):
-        callbacks = [ADFQCallback(self.config, model_attr="model", calibrate=False)]
-        if isinstance(self.trainer.progress_bar_callback, TQDMProgressBar):
-            callbacks.append(StageProgressBar())  # replaces the default bar
-        return callbacks
-
     def setup(self, stage: str) -> None:
-        # Under DDP, Lightning wraps this module in DistributedDataParallel for ``fit``, but reconstruction never
-        # uses DDP's reducer: the engine calls ``loss.backward()`` itself (not ``manual_backward``, so the reducer
-        # is never prepared) and all-reduces the active stage's gradients in ``Reconstructor._sync_gradients``.
-        # The reducer still holds a gradient accumulator for every parameter it registers, and a quantizer's step
-        # size changes shape when it is calibrated (scalar -> per token/channel, through ``.data``): through such a
-        # stale accumulator autograd silently sums the new gradient back to the old shape. DDP would also
-        # broadcast every buffer from rank 0 in each forward, a collective that hangs when ranks run different
-        # numbers of steps. So DDP is told to leave quantizer state and buffers alone; every rank computes them
-        # identically (quantizers are initialised on gathered data, gradients are summed over ranks).
-        from ..quantizers import Quantizer
+        """Swap in the quantized modules before a strategy wraps the model and optimizers are built.
 
-        ignore = [f"model.{name}" for name, _ in self.model.named_buffers()]
-        for prefix, module in self.model.named_modules():
-            if isinstance(module, Quantizer):
-                ignore += [f"model.{prefix}.{name}" for name, _ in module.named_parameters()]
-        self._ddp_params_and_buffers_to_ignore = sorted(set(ignore))
+        Quantizer parameters start frozen, so DistributedDataParallel registers none of them: their shapes are
+        only known at calibration, and reconstruction sums their gradients over ranks itself (see ``_backward``).
+        """
+        prepare(self.model, self.config)
+        for q in self.model.modules():
+            if isinstance(q, Quantizer):
+                q.requires_grad_(False)
 
     def configure_optimizers(self):
-        return list(make_optimizers(self.model, self.config))
+        return make_optimizer(self.model, self.config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     # -- reconstruction as training -----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # Lightning warns about eval-mode modules just before on_train_start; PTQ wants eval mode (no dropout or
+        # drop-path), which on_train_start sets.
+        self.model.train()
+
     def on_train_start(self) -> None:
-        images, ids, n = shard_from_loader(self.trainer.train_dataloader)
+        images, ids, n = calibration_shard(self.trainer)
         self.model.eval()
         self.engine = Reconstructor(self.model, self.config, images, ids, n, device=self.device)
         if self._engine_state is not None:
             self.engine.load_state_dict(self._engine_state)
 
-    def on_train_epoch_start(self) -> None:
-        self.model.eval()  # PTQ: dropout and drop-path stay off while reconstructing
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``manual_backward`` without DDP's gradient all-reduce: the engine sums the active stage's gradients
+        over ranks itself (DistributedDataParallel tracks none of the quantizer parameters)."""
+        wrapped = self.trainer.strategy.model
+        with wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) else nullcontext():
+            self.manual_backward(loss)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        engine = self.engine
-        wrapped = self.optimizers()
-        optimizers = [opt.optimizer for opt in wrapped]
-        # One optimizer step in Lightning's accounting per training step, whatever the engine did: the engine
-        # steps the raw optimizers, which Lightning does not count, so trainer.global_step (and with it
-        # ModelCheckpoint(every_n_train_steps=...), max_steps, logging) would otherwise stay at 0.
-        wrapped[0]._on_before_step()
-        wrapped[0]._on_after_step()
-        terms = None
-        for _ in range(self.hparams.iters_per_step):
-            if engine.done:
-                break
+        engine, optimizer = self.engine, self.optimizers()
+        budget, last = self.hparams.iters_per_step, None
+        while budget > 0 and not engine.done:
             if not engine.stage_ready:
                 engine.prepare_stage()
             if engine.stage_complete():
-                self._log_stage(engine.finish_stage(optimizers))
+                self._log_stage(engine.finish_stage(optimizer), self._stage_terms)
+                budget -= 0 if self.config.reconstruct else 1  # without reconstruction a stage is one unit
+                self._stage_terms = None
                 continue
-            terms = engine.step(optimizers)
-        if terms is not None:
-            self.log_dict({f"recon/{k}": v for k, v in terms.items()}, prog_bar=True, logger=False)
-            name = engine.current.name if not engine.done else "done"
-            self.log_dict({f"recon/{name}/{k}": v for k, v in terms.items() if k != "beta"})
+            self._stage_terms = last = engine.step(optimizer, backward=self._backward)
+            budget -= 1
+        if last is not None:
+            terms = dict(last)
+            self.log("recon/loss", terms.pop("loss"), prog_bar=True)
+            # "step" is the x-axis loggers use: iterations, as in _log_stage, so every logger's steps only grow
+            self.log_dict({f"recon/{k}": v for k, v in terms.items()} | {"step": float(self.global_step)})
         if engine.done:
             self.trainer.should_stop = True
 
-    def _log_stage(self, stage) -> None:
-        self.log_dict({f"recon/{stage.name}/{k}": float(stage.stats[k]) for k in ("init_error", "final_error")})
+    def _log_stage(self, stage: Stage, terms: Optional[dict]) -> None:
+        """Every module's errors and last losses go to every logger, whatever ``log_every_n_steps`` says."""
+        metrics = {f"recon/{stage.name}/{k}": float(v) for k, v in stage.stats.items()
+                   if isinstance(v, (int, float)) and k != "heldout_images"}
+        if terms is not None:
+            metrics.update({f"recon/{stage.name}/{k}": float(v) for k, v in terms.items() if k != "beta"})
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
     def on_train_end(self) -> None:
+        """The finished model goes into ``last.ckpt``: Lightning's ModelCheckpoint writes its last checkpoint at
+        the end of fit only when it wrote none during it, which leaves an unfinished one when the run's step
+        count is not a multiple of ``every_n_train_steps``."""
+        for callback in self.trainer.checkpoint_callbacks:
+            if getattr(callback, "save_last", False) and callback.last_model_path:
+                self.trainer.save_checkpoint(callback.last_model_path)
         self._write_report()
 
     # -- checkpoints ----------------------------------------------------------------------------------------
@@ -139,6 +154,12 @@ class ADFQModule(pl.LightningModule):
             checkpoint["adfq_engine"] = self.engine.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("config")
+        differ = recipe_differences(ADFQConfig(**saved), self.config) if saved else []
+        if differ:
+            raise ValueError(f"this checkpoint was quantized with another recipe than the one configured: "
+                             f"{'; '.join(differ)}. Evaluate it with the config it was made with (its hparams.yaml), "
+                             "or run fit again.")
         prepare(self.model, self.config)  # load_from_checkpoint builds a float model: swap modules first
         self._engine_state = checkpoint.get("adfq_engine")
 
@@ -169,6 +190,20 @@ class ADFQModule(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx)
 
+    def on_predict_start(self) -> None:
+        if not is_calibrated(self.model):
+            raise RuntimeError("predict needs a quantized model: pass the checkpoint of a finished fit "
+                               "(adfq-vit predict --config ... --ckpt_path runs/.../checkpoints/last.ckpt).")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Class probabilities and the predicted class of the quantized model for each image (and its label)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self.model(x).softmax(dim=-1)
+        out = {"probs": probs, "pred": probs.argmax(dim=-1)}
+        if isinstance(batch, (tuple, list)) and len(batch) > 1:
+            out["labels"] = batch[1]
+        return out
+
     def _eval_epoch_end(self, split: str) -> None:
         top1, top5 = self.top1.compute(), self.top5.compute()
         prefix = f"{split}_fp" if self.eval_tag == "fp" else split
@@ -191,7 +226,7 @@ class ADFQModule(pl.LightningModule):
 
     def _write_report(self) -> None:
         """Rank 0 writes the report; every rank must call this (``trainer.log_dir`` is a broadcast under DDP)."""
-        if self._trainer is None or self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
             return
         stages = self.engine.stages if self.engine is not None else []
         write_run_report(self.trainer, self.config, stages, self.hparams.model, self.evaluation)

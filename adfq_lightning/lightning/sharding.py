@@ -1,10 +1,13 @@
-"""Which calibration images a rank holds, and their global ids, from the loader Lightning prepared."""
+"""Which calibration images a rank holds, and which evaluation samples it owns, under Lightning's strategies."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Optional
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..api import collect_images
@@ -17,7 +20,7 @@ def global_positions(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, in
     Under Lightning's ``DistributedSampler`` a rank sees positions ``rank, rank + W, ...`` of the (padded)
     global order; positions past the dataset length are padding duplicates, not owned. A loader that is not
     sharded (``Trainer(use_distributed_sampler=False)``) yields every sample on every rank: each rank then owns
-    the strided share ``id % W == rank``, so no sample is counted (or cached) twice.
+    the strided share ``id % W == rank``, so no sample is counted twice.
     """
     sampler = getattr(loader, "sampler", None)
     n = len(loader.dataset)
@@ -30,18 +33,34 @@ def global_positions(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, in
     return ids, ids % world_size == rank, n
 
 
-def shard_from_loader(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """This rank's calibration images (padding and other ranks' samples dropped), their global ids, the global count."""
-    ids, real, n = global_positions(loader)
-    images = collect_images(loader)
-    if images.shape[0] != ids.shape[0]:
-        raise RuntimeError("the calibration loader must yield every sample once, in sampler order (drop_last=False).")
-    return images[real], ids[real], n
-
-
-def shard_by_rank(batches: Iterable, rank: int, world_size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Strided shard of the first ``limit`` images of an un-sharded loader (what each rank keeps)."""
+def shard_by_rank(batches: Iterable, rank: int, world_size: int,
+                  limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Strided shard ``id % W == rank`` of the first ``limit`` images of an un-sharded loader (what a rank keeps)."""
     images = collect_images(batches, limit=limit)
     ids = torch.arange(images.shape[0])
     mine = ids % world_size == rank
     return images[mine], ids[mine], images.shape[0]
+
+
+def calibration_loader(trainer: pl.Trainer, explicit: Optional[Any] = None) -> Any:
+    """The calibration images: ``explicit``, else the datamodule's ``calib_dataloader()``, else its
+    ``train_dataloader()`` (with a warning: training loaders usually augment)."""
+    if explicit is not None:
+        return explicit
+    datamodule = trainer.datamodule
+    if datamodule is not None and callable(getattr(datamodule, "calib_dataloader", None)):
+        return datamodule.calib_dataloader()
+    if datamodule is not None and is_overridden("train_dataloader", datamodule, pl.LightningDataModule):
+        rank_zero_warn(
+            "Calibrating on the datamodule's train_dataloader(), which usually applies training augmentation: "
+            "calibration should see images as they are at inference. Give the datamodule a calib_dataloader() with "
+            "eval transforms, or pass ADFQCallback(calib_dataloader=...).")
+        return datamodule.train_dataloader()
+    raise ValueError("No calibration images: pass ADFQCallback(calib_dataloader=...), or run the Trainer with a "
+                     "datamodule that has calib_dataloader() (or train_dataloader()) yielding them.")
+
+
+def calibration_shard(trainer: pl.Trainer, explicit: Optional[Any] = None,
+                      limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This rank's calibration images, their global ids and the global count."""
+    return shard_by_rank(calibration_loader(trainer, explicit), trainer.global_rank, trainer.world_size, limit)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -89,10 +89,17 @@ def undecided_fraction(module: nn.Module) -> float:
     return float(sum(((v > 0) & (v < 1)).sum() for v in values)) / total if total else 0.0
 
 
-def make_optimizers(model: nn.Module, config: ADFQConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    """Adam for every AdaRound variable and for every step size, built once; only the active stage's get grads."""
-    rounding, steps = _learnable(model)
-    return torch.optim.Adam(rounding, lr=config.rounding_lr), torch.optim.Adam(steps, lr=config.scale_lr)
+#: Index of the step-size group in the optimizer of :func:`make_optimizer` (its learning rate follows a cosine).
+STEP_SIZE_GROUP = 1
+
+
+def make_optimizer(model: nn.Module, config: ADFQConfig) -> torch.optim.Optimizer:
+    """One Adam over every AdaRound variable (group 0, ``rounding_lr``) and every learnable step size (group 1,
+    ``scale_lr``), built once: only the active stage's variables get gradients, and one ``step()`` is one
+    reconstruction iteration."""
+    rounding, steps = _learnable(model, config.learn_steps)
+    return torch.optim.Adam([{"params": rounding, "lr": config.rounding_lr},
+                             {"params": steps, "lr": config.scale_lr}])
 
 
 def _batched(x: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -175,6 +182,12 @@ class Reconstructor:
     @property
     def stage_ready(self) -> bool:
         return self._stage_ready
+
+    def progress(self) -> tuple[int, int]:
+        """(done, total) in iterations over every stage; a stage counts one unit without reconstruction."""
+        per_stage = self.config.iters if self.config.reconstruct else 1
+        done = self.stage * per_stage + (self.iteration if self.config.reconstruct and not self.done else 0)
+        return done, len(self.stages) * per_stage
 
     # -- quantization state -----------------------------------------------------------------------------------
     def _enable_finished(self, upto: int) -> None:
@@ -283,8 +296,13 @@ class Reconstructor:
         return float(all_reduce_sum(total)) / len(ids)
 
     # -- optimisation -----------------------------------------------------------------------------------------
-    def step(self, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer]) -> dict[str, float]:
-        """One reconstruction iteration of the current stage; returns its global loss terms."""
+    def step(self, optimizer: torch.optim.Optimizer,
+             backward: Optional[Callable[[torch.Tensor], None]] = None) -> dict[str, torch.Tensor]:
+        """One reconstruction iteration of the current stage; returns its global loss terms (0-d tensors).
+
+        ``optimizer`` is :func:`make_optimizer`'s (or a wrapper with ``zero_grad``/``step``/``param_groups``, such
+        as Lightning's); ``backward`` runs the backward pass (default ``loss.backward()``).
+        """
         if not self._stage_ready:
             self.prepare_stage()
         cfg, stage, it = self.config, self.current, self.iteration
@@ -316,18 +334,17 @@ class Reconstructor:
             if it >= cfg.warmup * cfg.iters:
                 rnd = cfg.rounding_weight * sum((q.regularizer(beta) for q in self._adaround(module)), rnd)
             loss = rec + kl / cfg.kl_lambda + rnd / world_size
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=False)
+            optimizer.zero_grad(set_to_none=False)
             if loss.requires_grad:  # not when this rank has no samples and the rounding term is still off
-                loss.backward()
+                (backward or torch.Tensor.backward)(loss)
         self._sync_gradients()
-        optimizers[1].param_groups[0]["lr"] = cosine_lr(cfg.scale_lr, it, cfg.iters)
-        for opt in optimizers:
-            opt.step()
+        optimizer.param_groups[STEP_SIZE_GROUP]["lr"] = cosine_lr(cfg.scale_lr, it, cfg.iters)
+        optimizer.step()
         terms = all_reduce_sum(torch.stack([rec.detach(), kl.detach(), rnd.detach() / world_size]))
         self.iteration += 1
         # tensors, not floats: reading them would wait for the device every iteration
-        return {"rec": terms[0], "kl": terms[1], "round": terms[2], "beta": torch.tensor(beta)}
+        return {"loss": terms[0] + terms[1] / cfg.kl_lambda + terms[2], "rec": terms[0], "kl": terms[1],
+                "round": terms[2], "beta": torch.tensor(beta)}
 
     def _sync_gradients(self) -> None:
         """Sum the current stage's gradients over ranks (one collective for all of them)."""
@@ -339,7 +356,7 @@ class Reconstructor:
         for p, chunk in zip(params, flat.split([p.numel() for p in params])):
             p.grad = chunk.view_as(p).clone()
 
-    def finish_stage(self, optimizers: Optional[tuple[torch.optim.Optimizer, ...]] = None) -> Stage:
+    def finish_stage(self, optimizer: Optional[torch.optim.Optimizer] = None) -> Stage:
         """Harden the rounding, apply the safeguard, freeze the stage, free its optimizer state, and move on."""
         stage, module, cfg = self.current, self.current.module, self.config
         rounding, steps = self._stage_parameters()
@@ -351,8 +368,8 @@ class Reconstructor:
         for p in rounding + steps:
             p.requires_grad_(False)
             p.grad = None  # else Adam keeps stepping it with zero gradients and rebuilds the state popped here
-            for opt in optimizers or ():
-                opt.state.pop(p, None)
+            if optimizer is not None:
+                optimizer.state.pop(p, None)
         if cfg.reconstruct:
             stage.stats["reconstructed_error"] = error = self.output_error()
             stage.stats["reverted"] = cfg.safeguard and error > stage.stats["init_error"]
@@ -379,14 +396,21 @@ class Reconstructor:
     def stage_complete(self) -> bool:
         return not self.config.reconstruct or self.iteration >= self.config.iters
 
-    def run(self, log=None) -> None:
-        """Every stage to the end, in this process (the Lightning module does the same as training steps)."""
-        optimizers = make_optimizers(self.model, self.config) if self.config.reconstruct else ()
+    def run(self, log: Optional[Callable[[str, int, dict], None]] = None, log_every: int = 1,
+            on_stage: Optional[Callable[[Stage], None]] = None) -> None:
+        """Every stage to the end, in this process (the Lightning module does the same as training steps).
+
+        ``log(module name, iteration, loss terms as floats)`` is called every ``log_every`` iterations (reading
+        the terms waits for the device) and ``on_stage(stage)`` after each stage.
+        """
+        optimizer = make_optimizer(self.model, self.config) if self.config.reconstruct else None
         while not self.done:
             if not self._stage_ready:
                 self.prepare_stage()
             while not self.stage_complete():
-                terms = self.step(optimizers)
-                if log is not None:
+                terms = self.step(optimizer)
+                if log is not None and (self.iteration % log_every == 0 or self.stage_complete()):
                     log(self.current.name, self.iteration, {k: float(v) for k, v in terms.items()})
-            self.finish_stage(optimizers)
+            stage = self.finish_stage(optimizer)
+            if on_stage is not None:
+                on_stage(stage)

@@ -1,0 +1,227 @@
+"""What every benchmark script shares: one quantization run per fresh process, a resumable results file.
+
+A *spec* is a plain dict naming one run: model, preset, bits, config changes, calibration seed, budget.
+``run_specs`` runs the specs that are not yet in the results file, ``jobs`` processes at a time, and
+rewrites the file atomically after each run, so an interrupted benchmark resumes where it stopped.
+
+Calibration images are drawn from the 45,000-image training part of the CIFAR-10 archive with the
+spec's ``seed`` (a different class-balanced subset per seed); accuracy is measured on the fixed
+5,000-image validation split, the images the shipped bundle holds. The reconstruction seed is the same
+``seed``, so seeds vary both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a source checkout without installing
+
+from adfq_lightning.io import atomic_write  # noqa: E402
+
+RESULT_PREFIX = "BENCH_RESULT "
+#: Fields of a spec that identify a run (results with the same values are reused).
+KEY_FIELDS = ("model", "preset", "w_bits", "a_bits", "changes", "tag", "iters", "batch_size", "num_calib", "num_val",
+              "seed", "threads", "device", "weights")
+
+
+def spec_key(spec: dict) -> str:
+    return json.dumps([spec.get(k) for k in KEY_FIELDS], sort_keys=True)
+
+
+def weights_fingerprint(model: str) -> str:
+    """sha256 prefix of the shipped weights a reference model (or its stress variant) is built from."""
+    import hashlib
+
+    base = model.removesuffix("_outliers")
+    path = REPO / "adfq_lightning" / "assets" / f"{base}.pt"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+
+
+def make_spec(model: str, preset: str, bits: Optional[int] = None, *, seed: int = 0, iters: int = 0,
+              changes: Optional[dict] = None, tag: str = "", batch_size: int = 32, num_calib: int = 1024,
+              num_val: int = 5000, threads: int = 1, device: str = "cpu") -> dict:
+    """One run; ``iters``/``batch_size`` only count for presets that reconstruct (stored as 0/None otherwise)."""
+    changes = dict(changes or {})
+    reconstructs = preset == "adfq" and changes.get("reconstruct", True)
+    return {"model": model, "preset": preset, "w_bits": bits, "a_bits": bits, "changes": changes, "tag": tag,
+            "iters": iters if reconstructs else 0, "batch_size": batch_size if reconstructs else None,
+            "num_calib": num_calib if preset != "fp" else 0, "num_val": num_val, "seed": seed if preset != "fp" else 0,
+            "threads": threads, "device": device, "weights": weights_fingerprint(model)}
+
+
+# -- measurement helpers (no torch import: the parent process stays light) -------------------------------------
+
+def proc_status_mb(field: str) -> Optional[float]:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status in MiB (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def machine_info(device: str = "cpu") -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu_count": os.cpu_count(), "cpu_model": cpu, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# -- the worker: one spec, in its own process --------------------------------------------------------------------
+
+def _calibration_and_validation(num_calib: int, num_val: int, seed: int):
+    from adfq_lightning.data import DEFAULT_ARCHIVE, calibration_indices, decode_image_folder, split_indices
+
+    data = decode_image_folder(DEFAULT_ARCHIVE)
+    train_idx, val_idx = split_indices(data.labels)
+    calib = calibration_indices(data.labels, num_calib, seed, candidates=train_idx) if num_calib else train_idx[:0]
+    return data.images[calib], data.images[val_idx[:num_val]], data.labels[val_idx[:num_val]]
+
+
+def run_one(spec: dict) -> dict:
+    import gc
+
+    import timm.data
+    import torch
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from adfq_lightning import ADFQConfig
+    from adfq_lightning.data import cifar10_eval_transform
+    from adfq_lightning.reconstruction import Reconstructor
+    from adfq_lightning.api import prepare
+    from adfq_lightning.zoo import create_reference_model
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    calib_u8, val_u8, val_labels = _calibration_and_validation(spec["num_calib"], spec["num_val"], spec["seed"])
+    model = create_reference_model(spec["model"], pretrained=True).to(device)
+    transform = cifar10_eval_transform(timm.data.resolve_data_config(model=model))
+    result = dict(spec, calib_seconds=0.0, peak_mem_mb=0.0)
+    if spec["preset"] != "fp":
+        extra = {"iters": spec["iters"], "batch_size": spec["batch_size"]} if spec["iters"] else {}
+        config = ADFQConfig.preset(spec["preset"], w_bits=spec["w_bits"], a_bits=spec["a_bits"], seed=spec["seed"],
+                                   **extra, **spec["changes"])
+        images = transform(calib_u8).to(device)
+        gc.collect()
+        reset_peak_rss()
+        rss0 = proc_status_mb("VmRSS")
+        t0 = time.perf_counter()
+        prepare(model.eval(), config)
+        engine = Reconstructor(model, config, images, torch.arange(len(images)), len(images))
+        engine.run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result["calib_seconds"] = time.perf_counter() - t0
+        hwm = proc_status_mb("VmHWM")
+        result["peak_mem_mb"] = max(0.0, hwm - rss0) if hwm is not None and rss0 is not None else None
+        result["modules"] = [{"name": s.name, **s.stats} for s in engine.stages]
+        del images, engine
+    top1 = MulticlassAccuracy(num_classes=10, top_k=1, average="micro").to(device)
+    top5 = MulticlassAccuracy(num_classes=10, top_k=5, average="micro").to(device)
+    with torch.no_grad():
+        for i in range(0, len(val_u8), 500):
+            logits = model(transform(val_u8[i : i + 500]).to(device))
+            top1.update(logits, val_labels[i : i + 500].to(device))
+            top5.update(logits, val_labels[i : i + 500].to(device))
+    result.update(top1=float(top1.compute()) * 100, top5=float(top5.compute()) * 100,
+                  loadavg_end=os.getloadavg()[0], torch=torch.__version__)
+    return result
+
+
+def run_in_subprocess(spec: dict, timeout: Optional[float] = None) -> dict:
+    """Run one spec in a fresh interpreter (clean peak memory, no state shared between runs)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), json.dumps(spec)], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"run failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+# -- the results file ---------------------------------------------------------------------------------------------
+
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data.setdefault("runs", [])
+        data.setdefault("meta", {})
+        return data
+    return {"meta": {}, "runs": []}
+
+
+def save_results(path: Path, data: dict) -> None:
+    atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def select(runs: list[dict], **fields) -> list[dict]:
+    return [r for r in runs if all(r.get(k) == v for k, v in fields.items())]
+
+
+def run_specs(specs: list[dict], path: Path, command: str, jobs: int = 1, timeout: Optional[float] = None,
+              on_result: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run every spec not yet in ``path`` (``jobs`` at a time) and save after each one; return the data."""
+    data = load_results(path)
+    done = {spec_key(r) for r in data["runs"]}
+    todo = [s for s in dict((spec_key(s), s) for s in specs).values() if spec_key(s) not in done]
+    data["meta"].setdefault("commands", [])
+    if command not in data["meta"]["commands"]:
+        data["meta"]["commands"].append(command)
+    data["meta"]["machine"] = machine_info(specs[0]["device"] if specs else "cpu")
+    print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already in {path}, {len(todo)} to run "
+          f"({jobs} at a time).", flush=True)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_in_subprocess, s, timeout): s for s in todo}
+        for n, future in enumerate(as_completed(futures), 1):
+            spec = futures[future]
+            label = f"{spec['model']} {spec['preset']} W{spec['w_bits']}A{spec['a_bits']} {spec['tag']} " \
+                    f"iters={spec['iters']} seed={spec['seed']}"
+            try:
+                result = future.result()
+            except (RuntimeError, subprocess.TimeoutExpired) as err:
+                print(f"[{n}/{len(todo)}] FAILED {label}: {err}", file=sys.stderr, flush=True)
+                continue
+            result["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            data["runs"].append(result)
+            save_results(path, data)
+            print(f"[{n}/{len(todo)}] {label}: top1 {result['top1']:.2f} calib {result['calib_seconds']:.0f} s "
+                  f"[{(time.perf_counter() - started) / 60:.1f} min]", flush=True)
+            if on_result is not None:
+                on_result(data)
+    return data
+
+
+if __name__ == "__main__":  # worker entry point: python bench/harness.py '<spec json>'
+    print(RESULT_PREFIX + json.dumps(run_one(json.loads(sys.argv[1]))), flush=True)

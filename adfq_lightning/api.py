@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import ADFQConfig
-from .modules import convert, is_quantized
+from .modules import calibrate_weights, convert, is_quantized
 from .quantizers import Quantizer
 from .reconstruction import Reconstructor, check_supported, set_quantization
 
@@ -75,11 +75,22 @@ def _check_images(model: nn.Module, images: torch.Tensor) -> None:
 
 
 def prepare(model: nn.Module, config: ADFQConfig) -> nn.Module:
-    """Swap in the quantized modules (in place) without calibrating: what a checkpoint is loaded into."""
+    """Swap in the quantized modules (in place) and search their weight grids, without calibrating activations:
+    what :func:`quantize` starts from and what a checkpoint is loaded into."""
     check_supported(model)
     if not is_converted(model):
+        _check_weights(model)
         convert(model, config)
+    calibrate_weights(model)
     return model
+
+
+def _check_weights(model: nn.Module) -> None:
+    """Refuse NaN/Inf Linear/Conv weights before any module is swapped (the float model is left as it was)."""
+    for name, layer in model.named_modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)) and not torch.isfinite(layer.weight).all():
+            raise ValueError(f"Quantizer {name}.weight received NaN or Inf values: check the model weights (a corrupt "
+                             "checkpoint or a diverged training run) before quantizing.")
 
 
 def quantize(

@@ -19,8 +19,11 @@ def atomic_write(path: Union[str, Path], data: bytes) -> None:
     A crash or a full disk leaves the previous file intact and never a truncated one that looks complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write {path} ({err.strerror or err}): choose a writable path") from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

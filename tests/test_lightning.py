@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from adfq_lightning import ADFQCallback, ADFQConfig, ADFQModule
-from adfq_lightning.lightning import CIFAR10DataModule, ReconstructionSteps, load_quantized_checkpoint
+from adfq_lightning.export import load_exported, load_program, onnx_session
+from adfq_lightning.lightning import CIFAR10DataModule, ExportQuantized, ReconstructionSteps, load_quantized_checkpoint
+from adfq_lightning.lightning.export import main as export_main
 from adfq_lightning.lightning.cli import main as cli_main
 from adfq_lightning.modules import QuantAttention, QuantWindowAttention
 from adfq_lightning.quantizers import AdaRoundQuantizer
@@ -206,6 +208,43 @@ def test_cli_fit_then_test_from_checkpoint(tmp_path, capsys):
     report = json.loads((tmp_path / "vit_w4a4" / "version_1" / "adfq_report.json").read_text())
     assert report["evaluation"]["test"]["top1"] == pytest.approx(
         json.loads((log_dir / "adfq_report.json").read_text())["evaluation"]["val"]["top1"])
+
+    # adfq-vit-export: the finished checkpoint to every format, each reproducing the quantized model
+    export_main(["--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt"), "--format", "safetensors", "onnx", "pt2",
+                 "--output", str(tmp_path / "exports" / "vit_w4a4")])
+    reference = ADFQModule.load_from_checkpoint(log_dir / "checkpoints" / "last.ckpt").eval()
+    data = CIFAR10DataModule(num_calib=8)
+    data.setup("test")
+    x = next(iter(data.val_dataloader()))[0][:32]
+    with torch.no_grad():
+        expected = reference(x)
+        assert torch.equal(load_exported(tmp_path / "exports" / "vit_w4a4.safetensors")(x), expected)
+        assert torch.equal(load_program(tmp_path / "exports" / "vit_w4a4.pt2")(x), expected)
+    # ONNX Runtime's float kernels (Log, Erf, LayerNorm...) differ from PyTorch's in the last bits, and a value
+    # on a 4-bit grid's rounding edge then takes the next code: not bit-exact, the same predictions
+    got = onnx_session(tmp_path / "exports" / "vit_w4a4.onnx").run(None, {"images": x.numpy()})[0]
+    assert (got.argmax(1) == expected.argmax(1).numpy()).mean() >= 30 / 32
+
+
+def test_export_refuses_an_unfinished_checkpoint(tmp_path, capsys):
+    module = ADFQModule("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_VIT, config=tiny_config(),
+                        iters_per_step=1)
+    t = trainer(tmp_path, logger=False, max_steps=3)  # stops after 3 of 24 iterations
+    t.fit(module, datamodule=RandomImages())
+    t.save_checkpoint(tmp_path / "partial.ckpt")
+    with pytest.raises(SystemExit):
+        export_main(["--ckpt_path", str(tmp_path / "partial.ckpt"), "--output", str(tmp_path / "x")])
+    assert "unfinished calibration" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_export_callback_writes_the_model_at_the_end_of_fit(tmp_path):
+    module = ADFQModule("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY_VIT, config=tiny_config())
+    export = ExportQuantized(dirpath=str(tmp_path / "exports"), formats=["safetensors"])
+    trainer(tmp_path, logger=False, callbacks=[export]).fit(module, datamodule=RandomImages())
+    assert export.paths == [tmp_path / "exports" / "quantized.safetensors"]
+    x = make_images(3, seed=8)
+    with torch.no_grad():
+        assert torch.equal(load_exported(export.paths[0])(x), module(x))
 
 
 class CountingImages(Dataset):

@@ -7,6 +7,7 @@ imports this package.
 from .callback import ADFQCallback, load_quantized_checkpoint
 from .checkpoint_io import AtomicCheckpointIO
 from .datamodules import CIFAR10DataModule, ImageFolderDataModule, ReconstructionSteps
+from .export import ExportQuantized
 from .module import ADFQModule
 from .progress import CalibrationProgress, ReconstructionProgressBar
 
@@ -16,6 +17,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "CIFAR10DataModule",
     "CalibrationProgress",
+    "ExportQuantized",
     "ImageFolderDataModule",
     "ReconstructionProgressBar",
     "ReconstructionSteps",

@@ -1,7 +1,7 @@
 """Quantized modules for timm ViT/DeiT/Swin and the float -> quantized registry."""
 
 from .attention import QuantAttention
-from .linear import QuantConv2d, QuantLinear
+from .linear import QuantConv2d, QuantLinear, calibrate_weights
 from .matmul import QuantMatMul
 from .mlp import QuantMlp
 from .scores import AttentionScores, recording_scores
@@ -18,6 +18,7 @@ __all__ = [
     "QuantMlp",
     "QuantWindowAttention",
     "UnsupportedModuleError",
+    "calibrate_weights",
     "convert",
     "is_quantized",
     "recording_scores",

@@ -12,11 +12,18 @@ from .registry import register
 
 
 def _attach(layer: nn.Module, float_layer: nn.Module, config: ADFQConfig, name: str, role: Role) -> None:
-    """Share the float layer's parameters and add the two quantizers (the weight one initialised now)."""
+    """Share the float layer's parameters and add the two quantizers (the weight grid is searched by
+    :func:`calibrate_weights`, so that a model built only to load a quantized state skips the search)."""
     layer.weight, layer.bias = float_layer.weight, float_layer.bias
     layer.weight_quantizer = config.weight_quantizer(name)
     layer.input_quantizer = config.activation_quantizer(name, role)
-    layer.weight_quantizer.calibrate(float_layer.weight.detach())
+
+
+def calibrate_weights(model: nn.Module) -> None:
+    """Search the grid of every weight quantizer that has none yet (nearest rounding until reconstruction)."""
+    for layer in model.modules():
+        if isinstance(layer, (QuantLinear, QuantConv2d)) and not bool(layer.weight_quantizer.calibrated):
+            layer.weight_quantizer.calibrate(layer.weight.detach())
 
 
 @register(nn.Linear)

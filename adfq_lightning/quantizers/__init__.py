@@ -2,7 +2,7 @@
 
 from .adaround import AdaRoundQuantizer
 from .base import GRAD_MODES, GradMode, Quantizer, calibrating, check_bits, round_ste
-from .log2 import LogQuantizer, LogSqrt2Quantizer, ShiftLog2Quantizer
+from .log2 import LogQuantizer, LogSqrt2Quantizer, ShiftLog2Quantizer, log_levels
 from .per_patch import PerPatchOutlierQuantizer
 from .uniform import UniformQuantizer
 
@@ -18,5 +18,6 @@ __all__ = [
     "UniformQuantizer",
     "calibrating",
     "check_bits",
+    "log_levels",
     "round_ste",
 ]

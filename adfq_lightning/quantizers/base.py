@@ -42,7 +42,8 @@ class Quantizer(nn.Module):
 
     A quantizer is *enabled* (quantizes) or not (identity), and is calibrated from the first tensor it sees
     while :func:`calibrating` is active. Every piece of state lives in parameters or buffers so a quantized
-    model saves and reloads through its ``state_dict``.
+    model saves and reloads through its ``state_dict``. The ``calibrated`` buffer is mirrored in a Python flag
+    that ``forward`` reads: a branch on a tensor would be data-dependent control flow for ``torch.export``.
     """
 
     #: activation quantizers calibrate from data (see :func:`calibrating`); weight quantizers from their weight.
@@ -58,6 +59,7 @@ class Quantizer(nn.Module):
         self.name = ""  # set by the owning module, for error messages
         self.role = ""  # where an activation quantizer sits (ADFQConfig's Role), set with the name
         self._calibrate_next = False
+        self._ready = False  # mirrors the ``calibrated`` buffer
         self.register_buffer("calibrated", torch.tensor(False))
 
     @property
@@ -70,7 +72,7 @@ class Quantizer(nn.Module):
         if self._calibrate_next:
             self._calibrate_next = False
             self.calibrate(x)
-        if not bool(self.calibrated):
+        if not self._ready:
             raise RuntimeError(
                 f"Quantizer {self.name or type(self).__name__} is not calibrated: run adfq_lightning.quantize() "
                 "(or the ADFQ callback) on calibration data, or load a quantized checkpoint, before using it."
@@ -89,6 +91,7 @@ class Quantizer(nn.Module):
             )
         self.init_from(x.detach().float())
         self.calibrated.fill_(True)
+        self._ready = True
 
     def init_from(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -110,6 +113,7 @@ class Quantizer(nn.Module):
             if tensor is not None and saved is not None and saved.shape != tensor.shape:
                 tensor.data = tensor.data.new_empty(saved.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.calibrated)
 
 
 @contextmanager

@@ -15,6 +15,18 @@ Base = Literal["sqrt2", "2"]
 TOP_QUANTILES = (0.999, 0.9999, 0.99999, 1.0)
 
 
+def log_levels(y: torch.Tensor, delta: torch.Tensor, levels: int, steps_per_octave: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(quantized values, level index k) of non-negative ``y`` on the grid ``delta * 2**(-k/m)``, k < levels.
+
+    k < 0 is above the top level (clipped to ``delta``), k >= levels below the smallest (flushed to 0). The
+    fake-quant and the deployed quantizer both compute it here, so they round every value alike.
+    """
+    k = (-(y.clamp(min=1e-30) / delta).log2() * steps_per_octave).round().detach()
+    level = delta * torch.pow(2.0, -k.clamp(0, levels - 1) / steps_per_octave)
+    return torch.where(k >= levels, torch.zeros_like(y), level), k
+
+
 class LogQuantizer(Quantizer):
     """Quantize non-negative values to ``delta * base**-k``, ``k = 0 .. 2**bits - 1``, plus an exact zero.
 
@@ -41,14 +53,8 @@ class LogQuantizer(Quantizer):
     def _steps_per_octave(self) -> int:
         return 2 if self.base == "sqrt2" else 1
 
-    def _exponents(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Level index k of each value (negative: above the top level; >= levels: below the smallest)."""
-        return (-(y.clamp(min=1e-30) / delta).log2() * self._steps_per_octave).round().detach()
-
-    def _levels_of(self, y: torch.Tensor, delta: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
-        k = self._exponents(y, delta) if k is None else k
-        level = delta * torch.pow(2.0, -k.clamp(0, self.levels - 1) / self._steps_per_octave)
-        return torch.where(k >= self.levels, torch.zeros_like(y), level)
+    def _levels_of(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return log_levels(y, delta, self.levels, self._steps_per_octave)[0]
 
     def init_from(self, x: torch.Tensor) -> None:
         if self.use_shift:
@@ -66,9 +72,8 @@ class LogQuantizer(Quantizer):
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         y = x + self.shift
-        delta = self.delta.abs().clamp(min=1e-8)
-        k = self._exponents(y, delta)
-        out = self._levels_of(y, delta, k) - self.shift
+        value, k = log_levels(y, self.delta.abs().clamp(min=1e-8), self.levels, self._steps_per_octave)
+        out = value - self.shift
         if self.grad == "ste":
             return out + (x - x.detach())
         if self.grad == "in_range":

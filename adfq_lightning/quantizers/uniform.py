@@ -108,8 +108,10 @@ class UniformQuantizer(Quantizer):
                 "scales are static, so calibrate at the image size you run at."
             )
         scale = self.scale.abs().clamp(min=1e-8)
-        # ``ste`` and ``in_range`` agree here: clamp already passes no gradient outside the grid's range.
-        codes = (x / scale).round().detach() if self.grad == "none" else round_ste(x / scale)
+        # x * (1 / scale), as torch.fake_quantize_* and ONNX runtimes compute it: the exported model rounds the
+        # same values the same way. ``ste`` and ``in_range`` agree here: clamp passes no gradient outside the grid.
+        scaled = x * scale.reciprocal()
+        codes = scaled.round().detach() if self.grad == "none" else round_ste(scaled)
         q = (codes + self.zero_point).clamp(0, self.levels - 1)
         return (q - self.zero_point) * scale
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Callable, Optional, Union
 
@@ -15,7 +16,7 @@ from .reconstruction import Reconstructor, check_supported, set_quantization
 
 CalibData = Union[torch.Tensor, Iterable]
 
-__all__ = ["ADFQConfig", "activation_quantizers", "collect_images", "is_calibrated", "is_converted", "prepare", "quantize", "set_quantization"]
+__all__ = ["ADFQConfig", "activation_quantizers", "collect_images", "record_inputs", "is_calibrated", "is_converted", "prepare", "quantize", "set_quantization"]
 
 
 def collect_images(calib_data: CalibData, limit: Optional[int] = None) -> torch.Tensor:
@@ -39,6 +40,33 @@ def collect_images(calib_data: CalibData, limit: Optional[int] = None) -> torch.
     return images[:limit] if limit is not None else images
 
 
+class _Enough(Exception):
+    """Raised inside a forward pre-hook to stop a forward loop once enough images were recorded."""
+
+
+@torch.no_grad()
+def record_inputs(model: nn.Module, forward_loop: Callable[[nn.Module], None], limit: Optional[int] = None) -> torch.Tensor:
+    """The image batches that reach ``model.forward`` while ``forward_loop(model)`` runs (up to ``limit``)."""
+    batches: list[torch.Tensor] = []
+
+    def record(_module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"forward_loop called the model with {type(x).__name__}: it must take an image tensor.")
+        batches.append(x.detach().cpu())
+        if limit is not None and sum(b.shape[0] for b in batches) >= limit:
+            raise _Enough
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        forward_loop(model.eval())
+    except _Enough:
+        pass
+    finally:
+        handle.remove()
+    return collect_images(batches, limit=limit)
+
+
 def is_converted(model: nn.Module) -> bool:
     return any(is_quantized(m) for m in model.modules())
 
@@ -57,7 +85,12 @@ def is_calibrated(model: nn.Module) -> bool:
 
 
 def _check_images(model: nn.Module, images: torch.Tensor) -> None:
-    """Refuse calibration images the model cannot take, naming the fix (before any module is swapped)."""
+    """Refuse calibration images the model cannot take, naming the fix (before any module is swapped);
+    warn about images that look unnormalised."""
+    if not images.is_floating_point() or (images.min() >= 0 and images.max() > 2.0):
+        warnings.warn(f"the calibration images look unnormalised ({images.dtype}, values {float(images.min()):g} to "
+                      f"{float(images.max()):g}): calibrate on images as the model sees them at inference, e.g. "
+                      "timm.data.create_transform(**timm.data.resolve_data_config(model=model)).", stacklevel=3)
     if not torch.isfinite(images).all():
         raise ValueError("calibration images contain NaN or Inf values: check the data pipeline "
                          "(decoding, normalisation) before calibrating.")
@@ -95,9 +128,11 @@ def _check_weights(model: nn.Module) -> None:
 
 def quantize(
     model: nn.Module,
-    calib_data: CalibData,
+    calib_data: Optional[CalibData] = None,
     config: Optional[ADFQConfig] = None,
     *,
+    num_calib: Optional[int] = None,
+    forward_loop: Optional[Callable[[nn.Module], None]] = None,
     sample_ids: Optional[torch.Tensor] = None,
     num_samples: Optional[int] = None,
     log: Optional[Callable[[str, int, dict], None]] = None,
@@ -109,19 +144,29 @@ def quantize(
     ``config.reconstruct`` is set, ASMO reconstruction learns rounding and step sizes. Switch back to float
     behaviour with ``set_quantization(model, False)``.
 
-    Under ``torch.distributed``, pass each rank's shard as ``calib_data`` with the global ``sample_ids`` of
-    its images and the global ``num_samples``.
+    Calibration images: ``calib_data`` (a tensor, or an iterable of batches read only up to ``num_calib``
+    images, e.g. an ImageNet train loader), or ``forward_loop(model)``, which runs the float model the way your
+    pipeline does (ModelOpt's ``forward_loop``): the images reaching the model's ``forward`` are recorded,
+    up to ``num_calib``. Under ``torch.distributed``, pass each rank's shard as ``calib_data`` with the global
+    ``sample_ids`` of its images and the global ``num_samples``.
     """
     config = config or ADFQConfig()
     if torch.is_inference_mode_enabled():
         raise RuntimeError("quantize() cannot calibrate under torch.inference_mode(): reconstruction needs "
                            "autograd. Call it outside inference mode (torch.no_grad() is fine).")
+    if (calib_data is None) == (forward_loop is None):
+        raise ValueError("quantize() takes calibration images from calib_data or from forward_loop: pass one of them.")
+    if num_calib is not None and (isinstance(num_calib, bool) or not isinstance(num_calib, int) or num_calib < 1):
+        raise ValueError(f"num_calib={num_calib!r} must be a positive integer (1024 in the paper).")
     check_supported(model)
-    images = collect_images(calib_data)
-    _check_images(model, images)
     if is_calibrated(model):
         raise ValueError("this model is already quantized: quantize() starts from the float model. Reload the float "
                          "weights to quantize with another config; use set_quantization() to toggle float/quantized.")
+    if forward_loop is not None:
+        images = record_inputs(model, forward_loop, num_calib)
+    else:
+        images = collect_images(calib_data, limit=num_calib)
+    _check_images(model, images)
     if sample_ids is None:
         sample_ids = torch.arange(images.shape[0])
     num_samples = int(num_samples if num_samples is not None else images.shape[0])

@@ -69,6 +69,9 @@ class ADFQConfig:
         attn_kl_form: ``keys`` (temperature-softened pre-softmax scores, distribution over keys, KL(P_fp||P_q)) or
             ``heads`` (the reference code: softmax over the heads axis of the probabilities / T, KL(P_q||P_fp),
             batch mean).
+        harden_at: fraction of ``iters`` after which the rounding is hardened (its undecided variables fixed at
+            their nearest decision); the remaining iterations learn step sizes on the hard weights. The AdaRound
+            exponent schedule ends there. 1.0 hardens at the end.
         holdout: fraction of the calibration images kept out of the reconstruction updates; the output error
             before and after reconstruction is measured on them.
         safeguard: a module whose held-out error got worse keeps its pre-reconstruction state.
@@ -106,6 +109,7 @@ class ADFQConfig:
     learn_steps: Literal["all", "linear_inputs"] = "all"
     weight_grid: Literal["search", "reference"] = "search"
     attn_kl_form: Literal["keys", "heads"] = "keys"
+    harden_at: float = 1.0
     holdout: float = 0.1
     safeguard: bool = True
     cache_device: Optional[str] = None
@@ -141,6 +145,8 @@ class ADFQConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {allowed}.")
+        if not 0.0 < self.harden_at <= 1.0:
+            raise ValueError(f"harden_at={self.harden_at!r} must be in (0, 1] (1.0 hardens the rounding at the end).")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout={self.holdout!r} must be in [0, 1) (0.1 keeps a tenth of the images aside).")
 

@@ -141,8 +141,18 @@ def test_image_folder_datamodule(folder):
 def test_image_folder_datamodule_layout_errors(tmp_path):
     root = tmp_path / "imagenet"
     _write_images(root, "train")
-    with pytest.raises(FileNotFoundError, match="root/val/<class>"):
-        ImageFolderDataModule(root, num_workers=0).setup()
+    with pytest.raises(FileNotFoundError, match="evaluation .* reads root/val/<class>"):
+        ImageFolderDataModule(root, num_workers=0).setup("validate")
     (root / "val" / "cat").mkdir(parents=True)  # class folder without images
-    with pytest.raises(FileNotFoundError, match="root/train/<class>"):
-        ImageFolderDataModule(root, num_workers=0).setup()
+    with pytest.raises(FileNotFoundError, match="expected root/val/<class>/<image>"):
+        ImageFolderDataModule(root, num_workers=0, num_calib=6).setup()
+
+
+def test_image_folder_evaluation_needs_only_val(tmp_path):
+    root = tmp_path / "imagenet"
+    _write_images(root, "val")
+    data = ImageFolderDataModule(root, num_workers=0, batch_size=4)
+    data.setup("test")
+    assert len(data.eval_set) == 18 and data.calib_set is None
+    with pytest.raises(FileNotFoundError, match="calibration \\(fit\\) reads root/train/<class>"):
+        data.setup("fit")

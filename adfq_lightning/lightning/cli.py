@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Optional
 
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from .module import ADFQModule
@@ -20,6 +21,15 @@ TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,
     "check_val_every_n_epoch": 1_000_000,  # evaluation runs after fit, on the FP and the quantized model
 }
+
+
+class ConciseArgumentParser(LightningArgumentParser):
+    """A bad option or YAML key is reported in a few lines (the error and where to look for the options),
+    not under the full usage text of every Trainer, model and data argument."""
+
+    def print_usage(self, file=None) -> None:
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stderr).write(f"usage: {prog} --config <config.yaml> [--<section>.<key> <value> ...]\n")
 
 
 class ADFQCLI(LightningCLI):
@@ -65,6 +75,7 @@ def main(args: Optional[list[str]] = None) -> None:
         subclass_mode_data=True,
         trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [PredictionWriter()]},  # the writer acts in predict only
         save_config_kwargs={"overwrite": True},
+        parser_class=ConciseArgumentParser,
         args=args,
     )
     if dist.is_available() and dist.is_initialized():

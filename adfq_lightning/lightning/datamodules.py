@@ -148,23 +148,33 @@ class ImageFolderDataModule(_CalibrationDataModule):
         self.root = Path(root)
         self.classes: list[str] = []
 
-    def _folder(self, split: str, transform) -> ImageFolder:
-        layout = "expected root/train/<class>/<image> and root/val/<class>/<image>"
+    def _folder(self, split: str, transform, purpose: str) -> ImageFolder:
         if not (self.root / split).is_dir():
-            raise FileNotFoundError(f"No '{split}' directory under {self.root}; {layout}")
+            raise FileNotFoundError(f"No '{split}' directory under {self.root}: {purpose} reads "
+                                    f"root/{split}/<class>/<image>.")
         try:
             return ImageFolder(self.root / split, transform=transform, loader=load_image_file)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{self.root / split}: {err}; {layout}") from err
+            raise FileNotFoundError(f"{self.root / split}: {err}; expected root/{split}/<class>/<image>") from err
 
     def setup(self, stage: str | None = None) -> None:
+        """``fit`` needs ``root/train`` (calibration images); ``validate``/``test``/``predict`` only ``root/val``."""
         # timm's PretrainedCfg defaults (ImageNet, 224, bicubic, crop 0.875) until a model is linked
         cfg = timm.data.resolve_data_config(pretrained_cfg=self.data_config or asdict(PretrainedCfg()))
         transform = timm.data.create_transform(**cfg, is_training=False)
-        train, val = self._folder("train", transform), self._folder("val", transform)
-        if train.classes != val.classes:
+        calibrate = stage in (None, "fit")
+        evaluate = stage != "fit" or (self.root / "val").is_dir()  # fit evaluates afterwards when it can
+        train = self._folder("train", transform, "calibration (fit)") if calibrate else None
+        val = self._folder("val", transform, "evaluation (validate/test/predict)") if evaluate else None
+        if train is not None and val is not None and train.classes != val.classes:
             raise ValueError(f"{self.root}: train and val have different class folders")
-        self.classes = train.classes
+        self.classes = (train or val).classes
+        if train is not None:
+            self.calib_set = self._calibration_subset(train)
+        if val is not None:
+            self.eval_set = val
+
+    def _calibration_subset(self, train: ImageFolder) -> Subset:
         labels = torch.tensor(train.targets, dtype=torch.int64)
         calib = calibration_indices(labels, self.num_calib, self.seed).tolist()
         corrupt = []
@@ -178,5 +188,4 @@ class ImageFolderDataModule(_CalibrationDataModule):
                 f"{len(corrupt)} of the {len(calib)} calibration images are corrupt or truncated: {corrupt[:5]}; "
                 "delete or replace them (corrupt images are not skipped, so the image set stays the one the seed "
                 "selects).")
-        self.calib_set = Subset(train, calib)
-        self.eval_set = val
+        return Subset(train, calib)

@@ -69,8 +69,16 @@ class ADFQModule(pl.LightningModule):
 
     @property
     def data_config(self) -> dict:
-        """timm's data config of the model (input size, mean/std, interpolation), for the datamodule."""
-        return timm.data.resolve_data_config(model=self.model)
+        """timm's data config of the model (input size, mean/std, interpolation), for the datamodule.
+
+        The input size is the built model's: ``model_kwargs: {img_size: 32}`` changes the model but not the
+        pretrained config timm resolves from."""
+        config = timm.data.resolve_data_config(model=self.model)
+        img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        if img_size is not None and tuple(config["input_size"][1:]) != tuple(img_size):
+            config["input_size"] = (config["input_size"][0], *img_size)
+            config["crop_pct"] = 1.0  # resize to the model's size, no crop margin
+        return config
 
     def setup(self, stage: str) -> None:
         """Swap in the quantized modules before a strategy wraps the model and optimizers are built.

@@ -259,11 +259,31 @@ class Reconstructor:
             self.x_q, self.x_fp, self.t_q, self.t_fp, self.out_fp,
             *(() if self.scores_fp is None else (self.scores_fp,)))) / 2**20
         rounding, steps = self._stage_parameters()
-        for p in rounding + steps:
+        soft = cfg.reconstruct and self.iteration < self.harden_iteration
+        for p in steps:
             p.requires_grad_(cfg.reconstruct)
+        for p in rounding:
+            p.requires_grad_(soft)
         for q in self._adaround(module):
-            q.soft = cfg.reconstruct
+            q.soft = soft
         self._stage_ready = True
+
+    @property
+    def harden_iteration(self) -> int:
+        """The iteration at which the rounding becomes hard (``config.harden_at``); step sizes learn on after it."""
+        return round(self.config.harden_at * self.config.iters)
+
+    def _harden(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Fix every rounding variable of the current stage at its hard decision and stop learning it."""
+        module = self.current.module
+        if any(q.soft for q in self._adaround(module)):
+            self.current.stats["undecided"] = undecided_fraction(module)
+        for q in self._adaround(module):
+            q.soft = False
+            q.alpha.requires_grad_(False)
+            q.alpha.grad = None  # else Adam keeps stepping it with zero gradients
+            if optimizer is not None:
+                optimizer.state.pop(q.alpha, None)
 
     @torch.no_grad()
     def _calibrate(self, module: nn.Module) -> None:
@@ -307,6 +327,8 @@ class Reconstructor:
             self.prepare_stage()
         cfg, stage, it = self.config, self.current, self.iteration
         module, world_size = stage.module, world()[1]
+        if it == self.harden_iteration:
+            self._harden(optimizer)
         seed = cfg.seed * 1_000_003 + self.stage * 100_003 + it
         draw = torch.randint(0, len(self.update_ids), (cfg.batch_size,), generator=torch.Generator().manual_seed(seed))
         rows = self.local_row[self.update_ids[draw]]
@@ -329,9 +351,10 @@ class Reconstructor:
                 if cfg.attn_kl and scores is not None and self.scores_fp is not None:
                     kl_term = attention_kl if cfg.attn_kl_form == "keys" else attention_kl_heads
                     kl = kl_term(scores, self.scores_fp[rows].to(self.device), cfg.kl_temperature, cfg.batch_size)
-            beta = rounding_beta(it, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
+            hard = self.harden_iteration
+            beta = rounding_beta(min(it, hard), hard, cfg.warmup, cfg.beta_start, cfg.beta_end)
             rnd = torch.zeros((), device=self.device)
-            if it >= cfg.warmup * cfg.iters:
+            if cfg.warmup * hard <= it < hard:
                 rnd = cfg.rounding_weight * sum((q.regularizer(beta) for q in self._adaround(module)), rnd)
             loss = rec + kl / cfg.kl_lambda + rnd / world_size
             optimizer.zero_grad(set_to_none=False)
@@ -361,10 +384,8 @@ class Reconstructor:
         stage, module, cfg = self.current, self.current.module, self.config
         rounding, steps = self._stage_parameters()
         if cfg.reconstruct:
-            stage.stats["undecided"] = undecided_fraction(module)
-            stage.stats["soft_error"] = self.output_error()
-        for q in self._adaround(module):
-            q.soft = False
+            stage.stats["soft_error"] = self.output_error()  # with the rounding as it was when the budget ended
+        self._harden(optimizer)
         for p in rounding + steps:
             p.requires_grad_(False)
             p.grad = None  # else Adam keeps stepping it with zero gradients and rebuilds the state popped here

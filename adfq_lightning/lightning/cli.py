@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from .module import ADFQModule
 from .predictions import PredictionWriter
+from .progress import ReconstructionProgressBar
 from .report import REPORT_NAME
 
 TRAINER_DEFAULTS = {
@@ -36,6 +37,14 @@ class ADFQCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Eval transforms come from timm's data config of the model (input size, mean/std, interpolation).
         parser.link_arguments("model.data_config", "data.init_args.data_config", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with the reconstruction progress bar unless the progress bar is switched off."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if config["trainer"].get("enable_progress_bar", True) is not False:
+            existing = config["trainer"].get("callbacks") or []
+            kwargs["callbacks"] = [*(existing if isinstance(existing, list) else [existing]), ReconstructionProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         """Evaluate the full-precision and the quantized model on the validation set and print both."""

@@ -153,7 +153,7 @@ class ADFQModule(pl.LightningModule):
         count is not a multiple of ``every_n_train_steps``."""
         for callback in self.trainer.checkpoint_callbacks:
             if getattr(callback, "save_last", False) and callback.last_model_path:
-                self.trainer.save_checkpoint(callback.last_model_path)
+                self.trainer.save_checkpoint(callback.last_model_path, weights_only=False)
         self._write_report()
 
     # -- checkpoints ----------------------------------------------------------------------------------------

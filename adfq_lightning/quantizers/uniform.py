@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .base import GradMode, Quantizer, quantile, round_ste
+from .base import GradMode, Quantizer, round_ste
 
 Granularity = Literal["tensor", "channel", "token"]
 Search = Literal["mse", "minmax", "percentile", "percentile_mse"]
@@ -70,27 +70,35 @@ class UniformQuantizer(Quantizer):
         zero_point = (-lo / scale).round().clamp(0, self.levels - 1)
         return scale, zero_point
 
-    def _quantize_groups(self, g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-        q = (g / scale[:, None]).round().add(zp[:, None]).clamp(0, self.levels - 1)
-        return (q - zp[:, None]) * scale[:, None]
+    def _group_error(self, g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        """Mean Lp error of quantizing each group (in place on one buffer: the search is memory-bound)."""
+        q = g / scale[:, None]
+        q.round_().add_(zp[:, None]).clamp_(0, self.levels - 1).sub_(zp[:, None]).mul_(scale[:, None])
+        return q.sub_(g).abs_().pow_(self.p).mean(dim=1)
 
     def _candidates(self, g: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         lo, hi = g.amin(dim=1), g.amax(dim=1)
         if self.search == "minmax":
             return [(lo, hi)]
+        ordered = g.sort(dim=1).values  # one sort serves every percentile (what kthvalue would return)
+
+        def pct(q: float) -> tuple[torch.Tensor, torch.Tensor]:
+            n = g.shape[1]
+            at = lambda p: min(max(int(round(p * (n - 1))), 0), n - 1)  # noqa: E731 (as base.quantile)
+            return ordered[:, at(1 - q)], ordered[:, at(q)]
+
         if self.search == "percentile":
-            return [(quantile(g, 1 - self.percentile, 1), quantile(g, self.percentile, 1))]
+            return [pct(self.percentile)]
         if self.search == "percentile_mse":
-            return [(quantile(g, 1 - q, 1), quantile(g, q, 1)) for q in REFERENCE_PERCENTILES]
-        pct = [(quantile(g, 1 - q, 1), quantile(g, q, 1)) for q in MSE_PERCENTILES]
-        return pct + [(lo * a, hi * a) for a in MSE_SHRINK]
+            return [pct(q) for q in REFERENCE_PERCENTILES]
+        return [pct(q) for q in MSE_PERCENTILES] + [(lo * a, hi * a) for a in MSE_SHRINK]
 
     def init_from(self, x: torch.Tensor) -> None:
         g, shape = self._groups(x)
         best_err, best = None, None
         for lo, hi in self._candidates(g):
             scale, zp = self._qparams(lo, hi)
-            err = (self._quantize_groups(g, scale, zp) - g).abs().pow(self.p).mean(dim=1)
+            err = self._group_error(g, scale, zp)
             if best is None:
                 best_err, best = err, (scale, zp)
             else:

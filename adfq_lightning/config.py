@@ -75,7 +75,10 @@ class ADFQConfig:
         holdout: fraction of the calibration images kept out of the reconstruction updates; the output error
             before and after reconstruction is measured on them.
         safeguard: a module whose held-out error got worse keeps its pre-reconstruction state.
-        cache_device: where the calibration cache lives (``cpu`` or an accelerator); None = model's device.
+        cache_device: where the calibration cache lives (``cpu`` or an accelerator); None = model's device. A CPU
+            cache feeding a GPU is pinned and copied asynchronously.
+        cache_dtype: storage dtype of the cache: ``float16``/``bfloat16`` halve its memory; every computation
+            (forward, losses, gradients) stays float32, where the reconstruction loss needs the precision.
         seed: seeds every random choice of reconstruction.
     """
 
@@ -113,6 +116,7 @@ class ADFQConfig:
     holdout: float = 0.1
     safeguard: bool = True
     cache_device: Optional[str] = None
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,7 +145,8 @@ class ADFQConfig:
         if self.kl_temperature <= 0 or self.kl_lambda <= 0:
             raise ValueError("kl_temperature and kl_lambda must be positive.")
         choices = {"act_grad": GRAD_MODES, "learn_steps": ("all", "linear_inputs"),
-                   "weight_grid": ("search", "reference"), "attn_kl_form": ("keys", "heads")}
+                   "weight_grid": ("search", "reference"), "attn_kl_form": ("keys", "heads"),
+                   "cache_dtype": ("float32", "float16", "bfloat16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {allowed}.")

@@ -463,3 +463,117 @@ def test_quantize_log_callback(tiny_vit, more_images):
     assert set(terms) >= {"rec", "kl", "round", "beta"}
     attn_terms = [t for n, _, t in calls if n.endswith("attn")]
     assert all(t["kl"] >= 0 for t in attn_terms) and any(t["kl"] > 0 for t in attn_terms)
+
+
+# -- reconstruction: held-out split, safeguard, gradient routing, hardening ---------------------------------------------
+def test_holdout_split_is_disjoint_deterministic_and_never_drawn(tiny_vit, more_images):
+    from adfq_lightning.reconstruction.engine import holdout_split, make_optimizer
+
+    held, update = holdout_split(40, 0.1, seed=3)
+    assert len(held) == 4 and len(update) == 36 and not set(held.tolist()) & set(update.tolist())
+    assert torch.equal(held, holdout_split(40, 0.1, seed=3)[0]) and not torch.equal(held, holdout_split(40, 0.1, 4)[0])
+    everything = holdout_split(3, 0.1, seed=0)  # too few images to keep any aside: both are everything
+    assert torch.equal(everything[0], torch.arange(3)) and torch.equal(everything[1], torch.arange(3))
+
+    config = ASMO.replace(iters=6, batch_size=8, holdout=0.25)
+    prepare(tiny_vit, config)
+    rec = Reconstructor(tiny_vit, config, more_images[:16], torch.arange(16), 16)
+    drawn = []
+    optimizer = make_optimizer(tiny_vit, config)
+    rec.prepare_stage()
+    for it in range(config.iters):
+        seed = config.seed * 1_000_003 + rec.stage * 100_003 + it
+        draw = torch.randint(0, len(rec.update_ids), (config.batch_size,), generator=torch.Generator().manual_seed(seed))
+        drawn += rec.update_ids[draw].tolist()
+        rec.step(optimizer)
+    assert len(rec.heldout_ids) == 4 and not set(drawn) & set(rec.heldout_ids.tolist())
+
+
+def test_safeguard_reverts_a_module_made_worse_to_its_initial_state(make_tiny, more_images):
+    # an absurd step-size learning rate makes reconstruction harmful: the safeguard must put every module back
+    config = ASMO.replace(iters=10, batch_size=8, scale_lr=10.0, rounding_lr=1.0)
+    guarded = reconstruct(make_tiny("vit"), more_images[:16], config)
+    nearest = quantize(make_tiny("vit"), more_images[:16], config.replace(reconstruct=False))
+    reverted = [s for s in guarded.stages if s.stats["reverted"]]
+    assert reverted, [s.stats for s in guarded.stages]
+    for stage in reverted:
+        assert stage.stats["reconstructed_error"] > stage.stats["init_error"] == stage.stats["final_error"]
+    # with every module reverted the model is exactly the no-reconstruction one
+    if len(reverted) == len(guarded.stages):
+        state, expected = guarded.model.state_dict(), nearest.state_dict()
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
+    unguarded = reconstruct(make_tiny("vit"), more_images[:16], config.replace(safeguard=False))
+    assert not any(s.stats["reverted"] for s in unguarded.stages)
+
+
+def test_safeguard_decision_survives_a_resume(make_tiny, more_images):
+    from adfq_lightning.reconstruction.engine import make_optimizer
+
+    config = ASMO.replace(iters=4, batch_size=8, scale_lr=10.0, rounding_lr=1.0)
+    model = prepare(make_tiny("vit"), config)
+    rec = Reconstructor(model, config, more_images[:16], torch.arange(16), 16)
+    optimizer = make_optimizer(model, config)
+    rec.prepare_stage()
+    rec.step(optimizer)
+    rec.step(optimizer)
+    state = rec.state_dict()  # what a checkpoint holds mid-module: the initial state comes with it
+    assert state["initial_state"] and all(k.endswith(("alpha", "scale", "delta")) for k in state["initial_state"])
+    resumed = Reconstructor(model, config, more_images[:16], torch.arange(16), 16)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed._initial_state[k], v) for k, v in state["initial_state"].items())
+
+
+@pytest.mark.parametrize("mode", ["ste", "in_range", "none"])
+def test_gradient_routing_through_log_and_uniform_quantizers(mode):
+    x0 = torch.nn.functional.gelu(torch.randn(2000, generator=torch.Generator().manual_seed(0)) * 2)
+    log_q = ShiftLog2Quantizer(3, grad=mode)
+    log_q.calibrate(x0)
+    x = torch.cat([x0[:100], torch.tensor([100.0])]).requires_grad_(True)  # 100: far above the top level
+    log_q(x).sum().backward()
+    y = x.detach() + log_q.shift
+    k = (-(y / log_q.delta.detach()).log2() * 2).round()
+    flushed, clipped = k >= 8, k < 0
+    assert flushed.any() and clipped[-1]
+    if mode == "ste":
+        assert torch.equal(x.grad, torch.ones_like(x))
+    elif mode == "in_range":
+        assert (x.grad[flushed | clipped] == 0).all() and (x.grad[~(flushed | clipped)] == 1).all()
+    else:
+        assert x.grad is None  # no path from the loss to the input at all
+    assert log_q.delta.grad is not None and log_q.delta.grad.abs() > 0  # the step size learns in every mode
+
+    uni = UniformQuantizer(3, grad=mode)
+    uni.calibrate(torch.randn(500))
+    z = torch.randn(50, requires_grad=True)
+    uni(z).sum().backward()
+    assert z.grad is None if mode == "none" else z.grad.abs().sum() > 0
+    assert uni.scale.grad.abs() > 0
+
+
+def test_reference_learns_only_linear_input_steps(tiny_vit):
+    from adfq_lightning.reconstruction.engine import _learnable
+
+    prepare(tiny_vit, ADFQConfig(learn_steps="linear_inputs"))
+    attn = tiny_vit.blocks[0].attn
+    _, steps = _learnable(attn, "linear_inputs")
+    _, every = _learnable(attn, "all")
+    owners = {id(p): q.role for q in quantizers(attn).values() for p in q.parameters(recurse=False)}
+    assert {owners[id(p)] for p in steps} == {"qkv_input", "proj_input"}
+    assert {owners[id(p)] for p in every} == {"qkv_input", "proj_input", "q", "k", "v", "attn_probs"}
+
+
+def test_harden_at_fixes_rounding_then_learns_steps_only(tiny_vit, more_images):
+    config = ASMO.replace(iters=10, batch_size=8, harden_at=0.5)
+    rec = reconstruct(tiny_vit, more_images[:16], config)
+    assert all(0.0 <= s.stats["undecided"] <= 1.0 for s in rec.stages)
+    assert all(not q.soft for q in quantizers(tiny_vit, AdaRoundQuantizer).values())
+    with pytest.raises(ValueError, match="harden_at"):
+        ADFQConfig(harden_at=0.0)
+
+
+def test_half_precision_cache_halves_the_cache(make_tiny, more_images):
+    full = reconstruct(make_tiny("vit"), more_images[:16], ASMO.replace(iters=2))
+    half = reconstruct(make_tiny("vit"), more_images[:16], ASMO.replace(iters=2, cache_dtype="bfloat16"))
+    for a, b in zip(full.stages, half.stages):
+        assert b.stats["cache_mb"] == pytest.approx(a.stats["cache_mb"] / 2)
+        assert b.stats["final_error"] == pytest.approx(a.stats["final_error"], rel=0.2)

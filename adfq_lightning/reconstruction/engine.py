@@ -127,7 +127,10 @@ class Reconstructor:
         self.model, self.config = model, config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.cache_device = torch.device(config.cache_device) if config.cache_device else self.device
-        self.images = images.to(self.cache_device, torch.float32)
+        self.cache_dtype = getattr(torch, config.cache_dtype)
+        # a CPU cache feeding an accelerator is pinned, so its batches copy asynchronously
+        self._pin = self.cache_device.type == "cpu" and self.device.type == "cuda"
+        self.images = self._store(images.float())
         self.sample_ids = sample_ids.to(torch.long).cpu()
         self.num_samples = num_samples
         if config.batch_size > num_samples:
@@ -146,7 +149,7 @@ class Reconstructor:
         for p in model.parameters():  # only rounding variables and step sizes are trained; restored at the end
             p.requires_grad_(id(p) in learnable)
         set_quantization(model, False)
-        self.units = build_units(model, self.images[:1].to(self.device))
+        self.units = build_units(model, self._load(self.images[:1]))
         self.stages = [Stage(name, u, m) for u, unit in enumerate(self.units) for name, m in unit.targets]
         self.stage = 0
         self.iteration = 0
@@ -195,26 +198,35 @@ class Reconstructor:
         for i, s in enumerate(self.stages):
             set_quantization(s.module, i < upto)
 
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        """Into the cache: its device and storage dtype (pinned when it feeds an accelerator from the CPU)."""
+        t = t.to(self.cache_device, self.cache_dtype)
+        return t.pin_memory() if self._pin else t
+
+    def _load(self, t: torch.Tensor) -> torch.Tensor:
+        """Out of the cache, for computation: the compute device, float32."""
+        return t.to(self.device, torch.float32, non_blocking=True)
+
     @torch.no_grad()
     def _run_unit(self, u: int, x: torch.Tensor) -> torch.Tensor:
         run = self.units[u].run
-        return torch.cat([run(b.to(self.device)).to(self.cache_device) for b in _batched(x)])
+        return self._store(torch.cat([run(self._load(b)) for b in _batched(x)]))
 
     @torch.no_grad()
     def _capture(self, u: int, target: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         inputs, kwargs = [], {}
         for b in _batched(x):
-            args, kwargs = run_until(self.units[u].run, target, b.to(self.device))
+            args, kwargs = run_until(self.units[u].run, target, self._load(b))
             if len(args) != 1:
                 raise RuntimeError(f"{type(target).__name__} is called with {len(args)} positional inputs; "
                                    "reconstruction supports one (pass extras as keyword arguments).")
-            inputs.append(_per_sample(args[0], b.shape[0]).to(self.cache_device))
-        return torch.cat(inputs), kwargs
+            inputs.append(_per_sample(args[0], b.shape[0]))
+        return self._store(torch.cat(inputs)), kwargs
 
     def _forward(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Target output (and attention scores) for per-sample inputs ``x`` of shape (n, k, ...)."""
         n = x.shape[0]
-        out = module(x.flatten(0, 1).to(self.device), **self._kwargs)
+        out = module(self._load(x.flatten(0, 1)), **self._kwargs)
         scores = module.scores if isinstance(module, AttentionScores) else None
         return _per_sample(out, n), (None if scores is None else _per_sample(scores, n))
 
@@ -244,8 +256,8 @@ class Reconstructor:
         self.t_fp, _ = self._capture(stage.unit, module, self.x_fp)
         with torch.no_grad(), recording_scores(module):
             outs = [self._forward(module, b) for b in _batched(self.t_fp)]
-        self.out_fp = torch.cat([o for o, _ in outs]).to(self.cache_device)
-        self.scores_fp = None if outs[0][1] is None else torch.cat([s for _, s in outs]).to(self.cache_device)
+        self.out_fp = self._store(torch.cat([o for o, _ in outs]))
+        self.scores_fp = None if outs[0][1] is None else self._store(torch.cat([s for _, s in outs]))
         self.per_sample_norm = self.out_fp[0].numel() / self.out_fp.shape[2]
         set_quantization(module, True)
         if self.iteration == 0:
@@ -290,7 +302,7 @@ class Reconstructor:
         """Initialise the target's activation quantizers on the first ``init_samples`` *global* images."""
         mine = self.sample_ids < self.config.init_samples
         ids = all_gather_cat(self.sample_ids[mine].to(self.device))
-        x = all_gather_cat(self.t_q[mine.to(self.t_q.device)].to(self.device))[ids.argsort()]
+        x = all_gather_cat(self._load(self.t_q[mine.to(self.t_q.device)]))[ids.argsort()]
         with calibrating(module):
             module(x.flatten(0, 1), **self._kwargs)
 
@@ -311,7 +323,7 @@ class Reconstructor:
         module, total = self.current.module, torch.zeros((), dtype=torch.float64, device=self.device)
         for chunk in _batched(rows):
             out, _ = self._forward(module, self.t_q[chunk])
-            total += output_loss(out, self.out_fp[chunk].to(self.device), self.config.rec_p, self.per_sample_norm,
+            total += output_loss(out, self._load(self.out_fp[chunk]), self.config.rec_p, self.per_sample_norm,
                                  1).double()
         return float(all_reduce_sum(total)) / len(ids)
 
@@ -333,24 +345,24 @@ class Reconstructor:
         draw = torch.randint(0, len(self.update_ids), (cfg.batch_size,), generator=torch.Generator().manual_seed(seed))
         rows = self.local_row[self.update_ids[draw]]
         positions = (rows >= 0).nonzero().squeeze(1)
-        rows = rows[positions]
-        x = self.t_q[rows].to(self.device)
+        rows = rows[positions].to(self.t_q.device, non_blocking=True)
+        x = self._load(self.t_q[rows])
         if cfg.qdrop_prob < 1.0:
             # drawn on the compute device for the whole global batch, then this rank's rows taken
             noise_gen = torch.Generator(device=self.device).manual_seed(seed)
             noise = torch.rand((cfg.batch_size, *x.shape[1:]), generator=noise_gen, device=self.device)
-            x = torch.where(noise[positions.to(self.device)] < cfg.qdrop_prob, x, self.t_fp[rows].to(self.device))
+            x = torch.where(noise[positions.to(self.device)] < cfg.qdrop_prob, x, self._load(self.t_fp[rows]))
         with torch.enable_grad(), recording_scores(module):
             rec = kl = torch.zeros((), device=self.device)
             # Under DDP a rank may hold none of this iteration's global batch: it adds nothing to rec/kl (and an
             # empty forward would fail), but still takes part in the gradient all-reduce below.
             if len(rows):
                 out, scores = self._forward(module, x)
-                rec = output_loss(out, self.out_fp[rows].to(self.device), cfg.rec_p, self.per_sample_norm,
+                rec = output_loss(out, self._load(self.out_fp[rows]), cfg.rec_p, self.per_sample_norm,
                                   cfg.batch_size)
                 if cfg.attn_kl and scores is not None and self.scores_fp is not None:
                     kl_term = attention_kl if cfg.attn_kl_form == "keys" else attention_kl_heads
-                    kl = kl_term(scores, self.scores_fp[rows].to(self.device), cfg.kl_temperature, cfg.batch_size)
+                    kl = kl_term(scores, self._load(self.scores_fp[rows]), cfg.kl_temperature, cfg.batch_size)
             hard = self.harden_iteration
             beta = rounding_beta(min(it, hard), hard, cfg.warmup, cfg.beta_start, cfg.beta_end)
             rnd = torch.zeros((), device=self.device)

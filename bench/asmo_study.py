@@ -38,6 +38,11 @@ VARIANTS = {
     "rounding_lr_x3": ("AdaRound learning rate 1e-2 instead of 3e-3", {"rounding_lr": 1e-2}),
     "rounding_lr_x10": ("AdaRound learning rate 3e-2 instead of 3e-3", {"rounding_lr": 3e-2}),
     "safeguard": ("base + per-module safeguard on held-out images", {"safeguard": True}),
+    "rounding_lr_x30": ("AdaRound learning rate 1e-1 instead of 3e-3", {"rounding_lr": 1e-1}),
+    "lr_x10_harden_0.8": ("learning rate 3e-2, rounding hardened after 80 % of the iterations, steps tuned after",
+                          {"rounding_lr": 3e-2, "harden_at": 0.8}),
+    "lr_x10_in_range": ("learning rate 3e-2 and straight-through inside the range only",
+                        {"rounding_lr": 3e-2, "act_grad": "in_range"}),
 }
 
 
@@ -112,10 +117,11 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each with --threads threads)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--name", default="asmo_study", help="stem of the .json/.md results (one per code version)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-    path = args.out / "asmo_study.json"
-    write = lambda data: atomic_write(args.out / "asmo_study.md", render(data).encode())  # noqa: E731
+    path = args.out / f"{args.name}.json"
+    write = lambda data: atomic_write(args.out / f"{args.name}.md", render(data).encode())  # noqa: E731
     if args.report_only:
         write(load_results(path))
         return 0

@@ -1,0 +1,242 @@
+"""``benchmark.md`` and ``top1_vs_bits.png`` from ``benchmark.json``: means and spreads over seeds, targets."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+from typing import Optional
+
+from harness import select
+
+from adfq_lightning.io import atomic_write
+
+LABELS = {"fp": "FP32", "minmax": "MinMax (per-tensor)", "percentile": "Percentile (per-tensor)",
+          "adfq_init": "ADFQ, no reconstruction"}
+ABLATION_LABELS = {"no_ppoq": "w/o PPOQ", "no_slq": "w/o SLQ", "no_log_softmax": "w/o log-√2 softmax",
+                   "no_attn_kl": "w/o attention KL", "no_qdrop": "w/o QDrop"}
+
+
+def top1s(runs: list[dict], **fields) -> list[float]:
+    return [r["top1"] for r in select(runs, **fields)]
+
+
+def stats(values: list[float]) -> Optional[tuple[float, float, int]]:
+    if not values:
+        return None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
+
+
+def cell(values: list[float]) -> str:
+    s = stats(values)
+    if s is None:
+        return "–"
+    mean, std, n = s
+    return f"{mean:.2f}" if n == 1 else f"{mean:.2f} ± {std:.2f}"
+
+
+def accuracy_runs(data: dict) -> list[dict]:
+    return [r for r in data["runs"] if r["threads"] == 1]
+
+
+def method_rows(runs: list[dict], model: str, iters: int) -> list[tuple[str, dict]]:
+    rows = [(LABELS[m], dict(model=model, preset=m, tag="")) for m in ("minmax", "percentile", "adfq_init")]
+    for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag="")}):
+        label = f"ADFQ, {budget} it/module" + (" (default run's budget)" if budget == iters else "")
+        rows.append((label, dict(model=model, preset="adfq", tag="", iters=budget)))
+    return rows
+
+
+def bits_table(runs: list[dict], model: str, iters: int) -> list[str]:
+    bits = sorted({r["w_bits"] for r in select(runs, model=model) if r["w_bits"]})
+    fp = top1s(runs, model=model, preset="fp")
+    lines = [f"| {model} | " + " | ".join(f"W{b}A{b}" for b in bits) + " |", "|---|" + "---:|" * len(bits)]
+    lines.append("| FP32 | " + " | ".join(cell(fp) for _ in bits) + " |")
+    for label, fields in method_rows(runs, model, iters):
+        lines.append(f"| {label} | " + " | ".join(cell(top1s(runs, w_bits=b, **fields)) for b in bits) + " |")
+    return lines
+
+
+def mean_of(runs, **fields) -> Optional[float]:
+    s = stats(top1s(runs, **fields))
+    return None if s is None else s[0]
+
+
+def std_of(runs, **fields) -> float:
+    s = stats(top1s(runs, **fields))
+    return 0.0 if s is None else s[1]
+
+
+def targets(runs: list[dict], model: str, iters: int) -> list[str]:
+    """The targets of issue 9, section 4, for one model: measured, with the margin."""
+    fp = mean_of(runs, model=model, preset="fp")
+    if fp is None:
+        return []
+    out = []
+
+    def check(text: str, ok: bool) -> None:
+        out.append(f"- {'met' if ok else '**missed**'}: {text}")
+
+    w4, w3, w6 = (mean_of(runs, model=model, preset="adfq", tag="", iters=iters, w_bits=b) for b in (4, 3, 6))
+    pct4 = mean_of(runs, model=model, preset="percentile", w_bits=4)
+    if w4 is not None:
+        check(f"W4A4 loses {fp - w4:.2f} Top-1 (target ≤ 1.0)", fp - w4 <= 1.0)
+        if pct4 is not None:
+            check(f"W4A4 beats Percentile by {w4 - pct4:.2f} (target ≥ 1.0)", w4 - pct4 >= 1.0)
+    if w3 is not None:
+        check(f"W3A3 loses {fp - w3:.2f} Top-1 (target ≤ 4.0)", fp - w3 <= 4.0)
+    if w6 is not None:
+        check(f"W6A6 is {abs(fp - w6):.2f} from FP (target ≤ 0.3)", abs(fp - w6) <= 0.3)
+    for b in (3, 4):
+        init = mean_of(runs, model=model, preset="adfq_init", w_bits=b)
+        for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag="", w_bits=b)}):
+            full = mean_of(runs, model=model, preset="adfq", tag="", iters=budget, w_bits=b)
+            spread = max(std_of(runs, model=model, preset="adfq", tag="", iters=budget, w_bits=b),
+                         std_of(runs, model=model, preset="adfq_init", w_bits=b))
+            if init is not None and full is not None:
+                check(f"W{b}A{b}, {budget} it: reconstruction {full - init:+.2f} over none (never below by more "
+                      f"than one std, {spread:.2f})", full >= init - spread)
+    return out
+
+
+def stress_table(runs: list[dict], iters: int) -> list[str]:
+    variants = sorted({r["model"] for r in runs if r["model"].endswith("_outliers")})
+    if not variants:
+        return []
+    lines = ["| variant | FP32 | bits | MinMax | Percentile | ADFQ, no reconstruction | ADFQ | ADFQ w/o PPOQ | "
+             "outlier ratio (mean over qkv/fc1 inputs) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for v in variants:
+        fp = cell(top1s(runs, model=v, preset="fp"))
+        for b in (4, 3):
+            full = select(runs, model=v, preset="adfq", tag="", iters=iters, w_bits=b)
+            ratios = [x for r in full for m in r.get("modules", []) for x in m.get("outlier_ratio", {}).values()]
+            ratio = f"{statistics.mean(ratios):.2%}" if ratios else "–"
+            lines.append(f"| {v} | {fp} | W{b}A{b} | {cell(top1s(runs, model=v, preset='minmax', w_bits=b))} | "
+                         f"{cell(top1s(runs, model=v, preset='percentile', w_bits=b))} | "
+                         f"{cell(top1s(runs, model=v, preset='adfq_init', w_bits=b))} | "
+                         f"{cell([r['top1'] for r in full])} | "
+                         f"{cell(top1s(runs, model=v, preset='adfq', tag='no_ppoq', iters=iters, w_bits=b))} | "
+                         f"{ratio} |")
+    return lines
+
+
+def ablation_table(runs: list[dict], iters: int) -> list[str]:
+    tags = [t for t in ABLATION_LABELS if select(runs, tag=t)]
+    if not tags:
+        return []
+    lines = ["| model | bits | full ADFQ | " + " | ".join(ABLATION_LABELS[t] for t in tags) + " |",
+             "|---|---|---:|" + "---:|" * len(tags)]
+    for model in sorted({r["model"] for r in runs if r["tag"] in tags}):
+        for b in (4, 3):
+            full = stats(top1s(runs, model=model, preset="adfq", tag="", iters=iters, w_bits=b))
+            cells = []
+            for t in tags:
+                off = stats(top1s(runs, model=model, preset="adfq", tag=t, iters=iters, w_bits=b))
+                if off is None or full is None:
+                    cells.append("–")
+                    continue
+                delta = off[0] - full[0]
+                noise = abs(delta) <= max(off[1], full[1])
+                cells.append(f"{off[0]:.2f} ({delta:+.2f}{', noise' if noise else ''})")
+            lines.append(f"| {model} | W{b}A{b} | {cell(top1s(runs, model=model, preset='adfq', tag='', iters=iters, w_bits=b))} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
+def convergence_table(runs: list[dict]) -> list[str]:
+    lines = ["| model | bits | it/module | undecided rounding at the end (mean over modules) | "
+             "held-out error after / before (geometric mean) | modules reverted (all seeds) |",
+             "|---|---|---:|---:|---:|---:|"]
+    keys = sorted({(r["model"], r["w_bits"], r["iters"]) for r in runs if r["preset"] == "adfq" and r["tag"] == ""})
+    for model, b, it in keys:
+        mods = [m for r in select(runs, model=model, preset="adfq", tag="", w_bits=b, iters=it)
+                for m in r.get("modules", []) if "reconstructed_error" in m]
+        if not mods:
+            continue
+        ratio = statistics.geometric_mean([max(m["reconstructed_error"], 1e-12) / max(m["init_error"], 1e-12)
+                                           for m in mods])
+        lines.append(f"| {model} | W{b}A{b} | {it} | {statistics.mean(m['undecided'] for m in mods):.2f} | "
+                     f"{ratio:.2f} | {sum(bool(m['reverted']) for m in mods)} |")
+    return lines
+
+
+def timing_table(data: dict) -> list[str]:
+    runs = [r for r in data["runs"] if r["threads"] > 1]
+    if not runs:
+        return []
+    lines = ["| model | method | W4A4 Top-1 | calibration wall time | peak memory rise |", "|---|---|---:|---:|---:|"]
+    for r in runs:
+        label = LABELS.get(r["preset"], f"ADFQ, {r['iters']} it/module")
+        lines.append(f"| {r['model']} | {label} | {r['top1']:.2f} | {r['calib_seconds']:.1f} s | "
+                     f"{r['peak_mem_mb']:.0f} MB |")
+    return lines
+
+
+def render(data: dict, iters: int) -> str:
+    runs = accuracy_runs(data)
+    machine = data["meta"].get("machine", {})
+    lines = ["# ADFQ-ViT benchmark on the reference CIFAR-10 models", "", "Produced by:", ""]
+    lines += [f"- `{c}`" for c in data["meta"].get("commands", [])] + [""]
+    lines += [f"Machine: {machine.get('cpu_count')} CPUs ({machine.get('cpu_model')}), torch {machine.get('torch')}. "
+              "Top-1 % on the 5,000 validation images, mean ± std over calibration seeds (each seed: another 1,024 "
+              "calibration images from the training split, and another reconstruction seed). A difference smaller "
+              "than the spread is noise. Patch embedding and classifier stay at 8 bits.", ""]
+    for model in [m for m in ("vit_cifar", "deit_cifar", "swin_cifar") if select(runs, model=m)]:
+        lines += [f"## {model}", ""] + bits_table(runs, model, iters) + [""]
+        checks = targets(runs, model, iters)
+        if checks:
+            lines += ["Targets (issue 9 §4, means over seeds):", ""] + checks + [""]
+    for title, body in (("Stress variants (ImageNet-like outlier channels, same function)", stress_table(runs, iters)),
+                        (f"Ablation (full ADFQ, {iters} it/module, one component off; Δ vs full)",
+                         ablation_table(runs, iters)),
+                        ("Convergence of reconstruction", convergence_table(runs)),
+                        ("Calibration wall time and peak memory (one run each, alone on the machine)",
+                         timing_table(data))):
+        if body:
+            lines += [f"## {title}", ""] + body + [""]
+    return "\n".join(lines)
+
+
+def render_plot(data: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    runs = accuracy_runs(data)
+    models = [m for m in ("vit_cifar", "deit_cifar", "swin_cifar") if select(runs, model=m)]
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
+    series = [("minmax", ""), ("percentile", ""), ("adfq_init", ""), ("adfq", "")]
+    for ax, model in zip(axes[0], models):
+        for preset, tag in series:
+            budgets = sorted({r["iters"] for r in select(runs, model=model, preset=preset, tag=tag)})
+            for budget in budgets[:1] if preset == "adfq" else [0]:
+                fields = dict(model=model, preset=preset, tag=tag, iters=budget)
+                bits = sorted({r["w_bits"] for r in select(runs, **fields)})
+                points = [stats(top1s(runs, w_bits=b, **fields)) for b in bits]
+                label = LABELS.get(preset, f"ADFQ ({budget} it/module)")
+                ax.errorbar(bits, [p[0] for p in points], yerr=[p[1] for p in points], marker="o", capsize=3,
+                            label=label)
+        fp = mean_of(runs, model=model, preset="fp")
+        if fp is not None:
+            ax.axhline(fp, color="k", linestyle="--", linewidth=1, label=f"FP32 ({fp:.1f})")
+        ax.set_title(model)
+        ax.set_xlabel("bits (W = A)")
+        ax.set_ylabel("Top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Top-1 vs bits, CIFAR-10 (5,000 val images), mean ± std over seeds", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_reports(data: dict, out: Path, iters: int) -> None:
+    atomic_write(out / "benchmark.md", render(data, iters).encode())
+    render_plot(data, out / "top1_vs_bits.png")

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import ADFQConfig
 from .modules import calibrate_weights, convert, is_quantized
-from .quantizers import Quantizer
+from .quantizers import Quantizer, outermost_quantizers
 from .reconstruction import Reconstructor, check_supported, set_quantization
 
 CalibData = Union[torch.Tensor, Iterable]
@@ -72,10 +72,8 @@ def is_converted(model: nn.Module) -> bool:
 
 
 def activation_quantizers(model: nn.Module) -> list[Quantizer]:
-    """The quantizers of activations (not the weight grids nested in weight quantizers)."""
-    quantizers = [q for q in model.modules() if isinstance(q, Quantizer)]
-    nested = {id(m) for q in quantizers if not q.observes_activations for m in q.modules()}
-    return [q for q in quantizers if id(q) not in nested]
+    """The quantizers of activations (not weight quantizers, nor the parts of another quantizer)."""
+    return [q for q in outermost_quantizers(model) if q.observes_activations]
 
 
 def is_calibrated(model: nn.Module) -> bool:

@@ -26,7 +26,7 @@ def save_quantized(model: nn.Module, path: Union[str, Path], config: ADFQConfig,
 
 #: Fields of ADFQConfig that decide which quantizers a model holds (the rest only steer calibration).
 RECIPE_FIELDS = ("w_bits", "a_bits", "overrides", "method", "ppoq", "qkv_outlier_threshold", "fc1_outlier_threshold",
-                 "slq", "slq_base", "log_softmax")
+                 "slq", "slq_base", "log_softmax", "act_family")
 
 
 def recipe_differences(saved: ADFQConfig, asked: ADFQConfig) -> list[str]:

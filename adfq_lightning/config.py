@@ -10,6 +10,7 @@ from typing import Literal, Optional
 from .quantizers import (
     GRAD_MODES,
     AdaRoundQuantizer,
+    BestOfQuantizer,
     GradMode,
     LogSqrt2Quantizer,
     PerPatchOutlierQuantizer,
@@ -46,6 +47,9 @@ class ADFQConfig:
         slq: Shift-Log2 Quantizer on the fc2 input (else per-tensor uniform).
         slq_base: ``sqrt2`` (reference) or ``2`` levels for SLQ.
         log_softmax: log-sqrt(2) quantizer on the attention probabilities (else per-tensor uniform).
+        act_family: ``auto``: each of those log quantizers takes a uniform grid instead when that has the lower
+            calibration error (it does at 6-8 bits, where the log grid's constant relative step is coarse);
+            ``log``: always the log grids.
         percentile: clipping percentile of the ``percentile`` baseline.
         overrides: ``{fnmatch pattern on the module name: {"w_bits": .., "a_bits": ..}}``; the last match wins.
         init_samples: calibration images used to initialise activation quantizers.
@@ -91,6 +95,7 @@ class ADFQConfig:
     slq: bool = True
     slq_base: Literal["sqrt2", "2"] = "sqrt2"
     log_softmax: bool = True
+    act_family: Literal["auto", "log"] = "auto"
     percentile: float = 0.9999
     overrides: dict[str, dict[str, int]] = field(default_factory=_default_overrides)
     init_samples: int = 256
@@ -146,7 +151,7 @@ class ADFQConfig:
             raise ValueError("kl_temperature and kl_lambda must be positive.")
         choices = {"act_grad": GRAD_MODES, "learn_steps": ("all", "linear_inputs"),
                    "weight_grid": ("search", "reference"), "attn_kl_form": ("keys", "heads"),
-                   "cache_dtype": ("float32", "float16", "bfloat16")}
+                   "cache_dtype": ("float32", "float16", "bfloat16"), "act_family": ("auto", "log")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {allowed}.")
@@ -198,6 +203,11 @@ class ADFQConfig:
         q.name = f"{module_name}.weight"
         return q
 
+    def _log_family(self, log: Quantizer) -> Quantizer:
+        if self.act_family == "log":
+            return log
+        return BestOfQuantizer(log, UniformQuantizer(log.bits, search="mse", grad=log.grad))
+
     def activation_quantizer(self, module_name: str, role: Role) -> Quantizer:
         """The quantizer for one activation tensor, chosen by where it sits (the method's table)."""
         bits, grad = self.bits_for(module_name)[1], self.act_grad
@@ -208,9 +218,9 @@ class ADFQConfig:
             threshold = self.qkv_outlier_threshold if role == "qkv_input" else self.fc1_outlier_threshold
             q = PerPatchOutlierQuantizer(bits, threshold=threshold, grad=grad)
         elif role == "fc2_input" and self.slq:
-            q = ShiftLog2Quantizer(bits, base=self.slq_base, grad=grad)
+            q = self._log_family(ShiftLog2Quantizer(bits, base=self.slq_base, grad=grad))
         elif role == "attn_probs" and self.log_softmax:
-            q = LogSqrt2Quantizer(bits, grad=grad)
+            q = self._log_family(LogSqrt2Quantizer(bits, grad=grad))
         else:
             q = UniformQuantizer(bits, search="mse", grad=grad)
         q.name, q.role = f"{module_name}.{role}", role

@@ -23,6 +23,7 @@ from ..config import ADFQConfig
 from ..io import atomic_write
 from ..models import create_model
 from ..modules import convert, is_quantized
+from ..quantizers import BestOfQuantizer
 from ..reconstruction import check_supported
 from .deployed import _IntWeight, deploy
 from .packing import pack_codes, unpack_codes
@@ -59,8 +60,9 @@ def export_quantized(model: nn.Module, path: Union[str, Path], config: ADFQConfi
             key = f"{prefix}.weight_codes"
             packed[key] = {"bits": layer.bits, "shape": list(state[key].shape)}
             state[key] = pack_codes(state[key], layer.bits)
+    families = {n: q.family for n, q in model.named_modules() if isinstance(q, BestOfQuantizer)}
     header = {"format": ARTIFACT_FORMAT, "model": name, "model_kwargs": model_kwargs or {}, "config": config.to_dict(),
-              "adfq_lightning": __version__, "packed": packed}
+              "adfq_lightning": __version__, "packed": packed, "families": families}
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     path = Path(path)
     atomic_write(path, safetensors_bytes(tensors, metadata={HEADER_KEY: json.dumps(header)}))
@@ -100,6 +102,8 @@ def load_exported(path: Union[str, Path], model: Optional[nn.Module] = None) -> 
     check_supported(model)
     if not any(is_quantized(m) for m in model.modules()):
         convert(model, config)
+    for name, family in header.get("families", {}).items():  # which grid each log/uniform choice took
+        model.get_submodule(name)._uniform = family == "uniform"
     deploy(model, require_calibrated=False)
     for key, spec in header["packed"].items():
         if key not in tensors:

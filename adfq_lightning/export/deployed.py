@@ -29,6 +29,7 @@ from ..api import activation_quantizers
 from ..modules import QuantConv2d, QuantLinear
 from ..quantizers import (
     AdaRoundQuantizer,
+    BestOfQuantizer,
     LogQuantizer,
     PerPatchOutlierQuantizer,
     Quantizer,
@@ -175,6 +176,8 @@ def weight_codes(q: AdaRoundQuantizer, w: torch.Tensor) -> tuple[torch.Tensor, t
 
 def frozen_quantizer(q: Quantizer) -> nn.Module:
     """The frozen counterpart of an activation quantizer (by type: the most specific first)."""
+    if isinstance(q, BestOfQuantizer):
+        return frozen_quantizer(q.chosen)
     if isinstance(q, PerPatchOutlierQuantizer):
         return FrozenOutlierUniform.from_quantizer(q) if q._ready else FrozenOutlierUniform(q.bits, threshold=q.threshold)
     if isinstance(q, UniformQuantizer):

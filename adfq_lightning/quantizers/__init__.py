@@ -1,7 +1,8 @@
 """Fake-quantizers: pure PyTorch modules, no Lightning inside."""
 
 from .adaround import AdaRoundQuantizer
-from .base import GRAD_MODES, GradMode, Quantizer, calibrating, check_bits, round_ste
+from .base import GRAD_MODES, GradMode, Quantizer, calibrating, check_bits, outermost_quantizers, round_ste
+from .family import BestOfQuantizer
 from .log2 import LogQuantizer, LogSqrt2Quantizer, ShiftLog2Quantizer, log_levels
 from .per_patch import PerPatchOutlierQuantizer
 from .uniform import UniformQuantizer
@@ -10,6 +11,7 @@ __all__ = [
     "GRAD_MODES",
     "GradMode",
     "AdaRoundQuantizer",
+    "BestOfQuantizer",
     "LogQuantizer",
     "LogSqrt2Quantizer",
     "PerPatchOutlierQuantizer",
@@ -19,5 +21,6 @@ __all__ = [
     "calibrating",
     "check_bits",
     "log_levels",
+    "outermost_quantizers",
     "round_ste",
 ]

@@ -103,6 +103,11 @@ class Quantizer(nn.Module):
         """Parameters that reconstruction may learn (activation step sizes)."""
         return [p for p in self.parameters(recurse=False)]
 
+    def candidate_step_sizes(self) -> list[nn.Parameter]:
+        """Every parameter :meth:`step_sizes` may return once calibrated (what an optimizer built before
+        calibration must hold)."""
+        return self.step_sizes()
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"
 
@@ -116,13 +121,22 @@ class Quantizer(nn.Module):
         self._ready = bool(self.calibrated)
 
 
+def outermost_quantizers(module: nn.Module) -> list["Quantizer"]:
+    """The quantizers of ``module`` that are not parts of another quantizer (the grid inside AdaRound, the two
+    candidates inside a family choice): each speaks for the quantizers it holds."""
+    quantizers = [m for m in module.modules() if isinstance(m, Quantizer)]
+    nested = {id(m) for q in quantizers for m in q.modules() if m is not q}
+    return [q for q in quantizers if id(q) not in nested]
+
+
 @contextmanager
 def calibrating(module: nn.Module) -> Iterator[None]:
     """Within this context every enabled quantizer in ``module`` calibrates on the first tensor it sees.
 
     Calibration is sequential: a quantizer sees the already-quantized output of the quantizers before it.
     """
-    quantizers = [m for m in module.modules() if isinstance(m, Quantizer) and m.enabled and m.observes_activations]
+    quantizers = outermost_quantizers(module)
+    quantizers = [q for q in quantizers if q.enabled and q.observes_activations]
     for q in quantizers:
         q._calibrate_next = True
     try:

@@ -23,7 +23,8 @@ from torch import nn
 from ..config import LINEAR_INPUT_ROLES, ADFQConfig
 from ..distributed import all_gather_cat, all_reduce_sum, world
 from ..modules import AttentionScores, recording_scores
-from ..quantizers import AdaRoundQuantizer, PerPatchOutlierQuantizer, Quantizer, calibrating
+from ..quantizers import AdaRoundQuantizer, BestOfQuantizer, PerPatchOutlierQuantizer, Quantizer, calibrating, \
+    outermost_quantizers
 from .losses import attention_kl, attention_kl_heads, cosine_lr, output_loss, rounding_beta
 from .units import build_units, run_until
 
@@ -47,18 +48,18 @@ def set_quantization(module: nn.Module, enabled: bool) -> None:
             q.enabled = enabled
 
 
-def _learnable(module: nn.Module, learn_steps: str = "all") -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def _learnable(module: nn.Module, learn_steps: str = "all",
+               candidates: bool = False) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(AdaRound variables, activation step sizes) inside ``module``.
 
     A quantizer's ``step_sizes()`` speaks for the quantizers nested inside it: the weight grid inside an
     AdaRound quantizer is a UniformQuantizer too, but it is frozen (AdaRound returns no step sizes).
-    ``learn_steps="linear_inputs"`` keeps only the step sizes of quantizers that feed a Linear/Conv.
+    ``learn_steps="linear_inputs"`` keeps only the step sizes of quantizers that feed a Linear/Conv;
+    ``candidates`` includes the step sizes of grids a quantizer may still choose at calibration.
     """
-    quantizers = [q for q in module.modules() if isinstance(q, Quantizer)]
-    nested = {id(m) for q in quantizers for m in q.modules() if m is not q}
-    rounding = [q.alpha for q in quantizers if isinstance(q, AdaRoundQuantizer)]
-    steps = [p for q in quantizers if id(q) not in nested and (learn_steps == "all" or q.role in LINEAR_INPUT_ROLES)
-             for p in q.step_sizes()]
+    rounding = [q.alpha for q in module.modules() if isinstance(q, AdaRoundQuantizer)]
+    steps = [p for q in outermost_quantizers(module) if learn_steps == "all" or q.role in LINEAR_INPUT_ROLES
+             for p in (q.candidate_step_sizes() if candidates else q.step_sizes())]
     return rounding, steps
 
 
@@ -97,7 +98,7 @@ def make_optimizer(model: nn.Module, config: ADFQConfig) -> torch.optim.Optimize
     """One Adam over every AdaRound variable (group 0, ``rounding_lr``) and every learnable step size (group 1,
     ``scale_lr``), built once: only the active stage's variables get gradients, and one ``step()`` is one
     reconstruction iteration."""
-    rounding, steps = _learnable(model, config.learn_steps)
+    rounding, steps = _learnable(model, config.learn_steps, candidates=True)
     return torch.optim.Adam([{"params": rounding, "lr": config.rounding_lr},
                              {"params": steps, "lr": config.scale_lr}])
 
@@ -265,6 +266,7 @@ class Reconstructor:
             self._initial_state = quantizer_state(module)
             stage.stats["init_error"] = self.output_error()
             stage.stats["heldout_images"] = int(len(self.heldout_ids)) if len(self.heldout_ids) < self.num_samples else 0
+        stage.stats["families"] = {q.name: q.family for q in module.modules() if isinstance(q, BestOfQuantizer)}
         stage.stats["outlier_ratio"] = {
             q.name: float(q.outlier_ratio) for q in module.modules() if isinstance(q, PerPatchOutlierQuantizer)}
         stage.stats["cache_mb"] = sum(t.numel() * t.element_size() for t in (

@@ -24,7 +24,8 @@ def export_program(model: nn.Module, path: Union[str, Path], example: torch.Tens
     """
     deployed = model if is_deployed(model) else deploy(copy.deepcopy(model))
     shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
-    program = torch.export.export(deployed.eval(), (example,), dynamic_shapes=shapes, strict=False)
+    # a copy: the program stores its example input, and a view would drag the whole tensor it views along
+    program = torch.export.export(deployed.eval(), (example.clone(),), dynamic_shapes=shapes, strict=False)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     path = Path(path)

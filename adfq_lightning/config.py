@@ -56,7 +56,10 @@ class ADFQConfig:
         reconstruct: run ASMO (module-wise reconstruction) after initialisation.
         iters / batch_size: reconstruction iterations per module and images per iteration.
         rounding_lr / scale_lr: Adam learning rates of the AdaRound variables and of activation step sizes
-            (the latter with cosine decay to 0 over ``iters``).
+            (the latter with cosine decay to 0 over ``iters``). ``rounding_lr=None`` scales with the budget:
+            ``3e-3 * 3000 / iters`` within [3e-3, 0.1], the reference's 3e-3 at its 3,000 iterations. At 100-200
+            iterations the reference's rate leaves most rounding variables undecided, and the final hard rounding
+            is a jump (``bench/results/asmo_study*.md``).
         rounding_weight / beta_start / beta_end / warmup: AdaRound regulariser weight, annealed exponent and
             the fraction of iterations before the regulariser starts.
         attn_kl: add the attention-score KL term for attention modules.
@@ -102,7 +105,7 @@ class ADFQConfig:
     reconstruct: bool = True
     iters: int = 3000
     batch_size: int = 32
-    rounding_lr: float = 3e-3
+    rounding_lr: Optional[float] = None
     scale_lr: float = 4e-5
     rounding_weight: float = 0.01
     beta_start: float = 20.0
@@ -139,6 +142,8 @@ class ADFQConfig:
                 raise ValueError(f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}: use w_bits and a_bits.")
             for key, value in bits.items():
                 check_bits(value, f"overrides[{pattern!r}][{key!r}]")
+        if self.rounding_lr is not None and not (isinstance(self.rounding_lr, (int, float)) and self.rounding_lr > 0):
+            raise ValueError(f"rounding_lr={self.rounding_lr!r} must be a positive number, or None to scale it with iters.")
         positive = {"iters": self.iters, "batch_size": self.batch_size, "init_samples": self.init_samples}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
@@ -159,6 +164,14 @@ class ADFQConfig:
             raise ValueError(f"harden_at={self.harden_at!r} must be in (0, 1] (1.0 hardens the rounding at the end).")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout={self.holdout!r} must be in [0, 1) (0.1 keeps a tenth of the images aside).")
+
+    @property
+    def effective_rounding_lr(self) -> float:
+        """``rounding_lr``, or the budget-scaled rate when it is None (the same product of rate and iterations
+        as the reference's 3e-3 x 3,000)."""
+        if self.rounding_lr is not None:
+            return float(self.rounding_lr)
+        return min(0.1, max(3e-3, 3e-3 * 3000 / self.iters))
 
     # -- presets ----------------------------------------------------------------------------------------------
     @classmethod

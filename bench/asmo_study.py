@@ -23,10 +23,11 @@ from harness import REPO, load_results, make_spec, run_specs, select
 
 from adfq_lightning.io import atomic_write
 
-BASE = {"act_grad": "ste", "learn_steps": "all", "weight_grid": "search", "attn_kl_form": "keys", "safeguard": False}
+#: The v0.1 engine, at the reference's AdaRound learning rate (3e-3 at every budget).
+BASE = {"rounding_lr": 3e-3, "act_grad": "ste", "learn_steps": "all", "weight_grid": "search", "attn_kl_form": "keys", "safeguard": False}
 #: variant -> (what it tests, ADFQConfig changes on top of BASE)
 VARIANTS = {
-    "base": ("v0.1 engine: STE everywhere, every step size learns, L2.4 weight grid, KL over keys", {}),
+    "base": ("v0.1 engine: rounding lr 3e-3, STE everywhere, every step size learns, L2.4 weight grid, KL over keys", {}),
     "in_range": ("straight-through only inside each quantizer's range", {"act_grad": "in_range"}),
     "no_act_grad": ("no gradient through activation quantizers (reference rounding)", {"act_grad": "none"}),
     "linear_steps": ("only the step sizes of Linear inputs learn (reference)", {"learn_steps": "linear_inputs"}),
@@ -43,6 +44,7 @@ VARIANTS = {
                           {"rounding_lr": 3e-2, "harden_at": 0.8}),
     "lr_x10_in_range": ("learning rate 3e-2 and straight-through inside the range only",
                         {"rounding_lr": 3e-2, "act_grad": "in_range"}),
+    "budget_lr": ("learning rate scaled with the budget (3e-3 x 3000 / iters, the v0.2 default)", {"rounding_lr": None}),
 }
 
 

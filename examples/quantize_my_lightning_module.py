@@ -4,8 +4,8 @@
 
 Nothing here is specific to adfq-lightning except ``ADFQCallback``: the classifier below stands for the
 LightningModule you already train with. The callback swaps its timm ViT for a W4A4 ADFQ-quantized one in
-``setup`` (calibrating and reconstructing on the datamodule's training images) and ``validate`` then
-reports the quantized accuracy.
+``setup``, calibrates and reconstructs it when ``validate`` starts (on the datamodule's ``calib_dataloader()``:
+calibration images with eval transforms), and ``validate`` then reports the quantized accuracy.
 """
 
 from __future__ import annotations

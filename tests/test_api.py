@@ -25,6 +25,7 @@ from adfq_lightning.quantizers import (
     outermost_quantizers,
 )
 from adfq_lightning.reconstruction import Reconstructor
+from adfq_lightning.reconstruction.engine import make_optimizer
 
 FAST = ADFQConfig(reconstruct=False)
 
@@ -245,10 +246,23 @@ def test_config_rejects_bits_outside_range(field, bits):
     ({"qdrop_prob": 0.0}, "qdrop_prob"),
     ({"warmup": 1.0}, "warmup"),
     ({"kl_temperature": 0}, "kl_temperature"),
+    ({"rounding_lr": -1e-3}, "rounding_lr"),
 ])
 def test_config_rejects_bad_values(changes, match):
     with pytest.raises(ValueError, match=match):
         ADFQConfig(**changes)
+
+
+@pytest.mark.parametrize("iters, lr", [(3000, 3e-3), (1000, 9e-3), (100, 0.09), (10, 0.1), (20000, 3e-3)])
+def test_rounding_lr_scales_with_the_budget(iters, lr):
+    assert ADFQConfig(iters=iters).effective_rounding_lr == pytest.approx(lr)
+    assert ADFQConfig(iters=iters, rounding_lr=1e-2).effective_rounding_lr == 1e-2  # an explicit rate wins
+
+
+def test_optimizer_uses_the_budget_scaled_rounding_lr(tiny_vit):
+    config = ADFQConfig(iters=100)
+    optimizer = make_optimizer(convert(tiny_vit, config), config)
+    assert len(optimizer.param_groups[0]["params"]) > 0 and optimizer.param_groups[0]["lr"] == pytest.approx(0.09)
 
 
 def test_config_round_trips_through_dict():

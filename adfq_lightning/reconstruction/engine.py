@@ -99,7 +99,7 @@ def make_optimizer(model: nn.Module, config: ADFQConfig) -> torch.optim.Optimize
     ``scale_lr``), built once: only the active stage's variables get gradients, and one ``step()`` is one
     reconstruction iteration."""
     rounding, steps = _learnable(model, config.learn_steps, candidates=True)
-    return torch.optim.Adam([{"params": rounding, "lr": config.rounding_lr},
+    return torch.optim.Adam([{"params": rounding, "lr": config.effective_rounding_lr},
                              {"params": steps, "lr": config.scale_lr}])
 
 

@@ -50,6 +50,8 @@ def method_rows(runs: list[dict], model: str, iters: int) -> list[tuple[str, dic
 def bits_table(runs: list[dict], model: str, iters: int) -> list[str]:
     bits = sorted({r["w_bits"] for r in select(runs, model=model) if r["w_bits"]})
     fp = top1s(runs, model=model, preset="fp")
+    if not bits:
+        return [f"FP32 Top-1 {cell(fp)}; no quantized run yet."]
     lines = [f"| {model} | " + " | ".join(f"W{b}A{b}" for b in bits) + " |", "|---|" + "---:|" * len(bits)]
     lines.append("| FP32 | " + " | ".join(cell(fp) for _ in bits) + " |")
     for label, fields in method_rows(runs, model, iters):
@@ -88,11 +90,11 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
     if w6 is not None:
         check(f"W6A6 is {abs(fp - w6):.2f} from FP (target ≤ 0.3)", abs(fp - w6) <= 0.3)
     for b in (3, 4):
-        init = mean_of(runs, model=model, preset="adfq_init", w_bits=b)
+        init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
         for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag="", w_bits=b)}):
             full = mean_of(runs, model=model, preset="adfq", tag="", iters=budget, w_bits=b)
             spread = max(std_of(runs, model=model, preset="adfq", tag="", iters=budget, w_bits=b),
-                         std_of(runs, model=model, preset="adfq_init", w_bits=b))
+                         std_of(runs, model=model, preset="adfq_init", tag="", w_bits=b))
             if init is not None and full is not None:
                 check(f"W{b}A{b}, {budget} it: reconstruction {full - init:+.2f} over none (never below by more "
                       f"than one std, {spread:.2f})", full >= init - spread)
@@ -103,17 +105,20 @@ def stress_table(runs: list[dict], iters: int) -> list[str]:
     variants = sorted({r["model"] for r in runs if r["model"].endswith("_outliers")})
     if not variants:
         return []
-    lines = ["| variant | FP32 | bits | MinMax | Percentile | ADFQ, no reconstruction | ADFQ | ADFQ w/o PPOQ | "
-             "outlier ratio (mean over qkv/fc1 inputs) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | FP32 | bits | MinMax | Percentile | ADFQ, no reconstruction | same w/o PPOQ | ADFQ | "
+             "ADFQ w/o PPOQ | outlier ratio (mean over qkv/fc1 inputs) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for v in variants:
         fp = cell(top1s(runs, model=v, preset="fp"))
         for b in (4, 3):
             full = select(runs, model=v, preset="adfq", tag="", iters=iters, w_bits=b)
-            ratios = [x for r in full for m in r.get("modules", []) for x in m.get("outlier_ratio", {}).values()]
+            init = select(runs, model=v, preset="adfq_init", tag="", w_bits=b)
+            ratios = [x for r in full + init for m in r.get("modules", []) for x in m.get("outlier_ratio", {}).values()]
             ratio = f"{statistics.mean(ratios):.2%}" if ratios else "–"
             lines.append(f"| {v} | {fp} | W{b}A{b} | {cell(top1s(runs, model=v, preset='minmax', w_bits=b))} | "
                          f"{cell(top1s(runs, model=v, preset='percentile', w_bits=b))} | "
-                         f"{cell(top1s(runs, model=v, preset='adfq_init', w_bits=b))} | "
+                         f"{cell([r['top1'] for r in init])} | "
+                         f"{cell(top1s(runs, model=v, preset='adfq_init', tag='no_ppoq', w_bits=b))} | "
                          f"{cell([r['top1'] for r in full])} | "
                          f"{cell(top1s(runs, model=v, preset='adfq', tag='no_ppoq', iters=iters, w_bits=b))} | "
                          f"{ratio} |")

@@ -6,7 +6,7 @@ Groups of runs (``--groups``, in this order of priority):
 * ``bits``: FP, and MinMax / Percentile / ADFQ without reconstruction at every bit width of ``--bits``;
 * ``adfq``: full ADFQ at the default budget (``--iters``, the default run's) at W3A3, W4A4, W6A6;
 * ``stress``: the ``*_outliers`` variants at W4A4 and W3A3: the baselines, ADFQ with and without
-  reconstruction, and ADFQ without PPOQ;
+  reconstruction, each also without PPOQ;
 * ``ablation``: full ADFQ with one component off (PPOQ, SLQ, log-sqrt(2) softmax, attention KL, QDrop) at
   W4A4 and W3A3;
 * ``budget``: full ADFQ at 1,000 iterations per module (W3A3, W4A4, every seed) and 3,000 (first seed);
@@ -56,13 +56,14 @@ def plan(args) -> list[dict]:
                   for m in models for b in args.bits for method in BASELINES for s in seeds]
     if "adfq" in args.groups:
         specs += [adfq(m, b, s) for m in models for b in (3, 4, 6) for s in seeds]
-    if "stress" in args.groups:
+    if "stress" in args.groups:  # the quick runs (no reconstruction) first
         specs += [make_spec(v, "fp", **acc) for v in variants]
-        for v in variants:
-            for b in (4, 3):
-                for s in seeds:
-                    specs += [make_spec(v, method, b, seed=s, **acc) for method in BASELINES]
-                    specs += [adfq(v, b, s), adfq(v, b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq")]
+        specs += [make_spec(v, method, b, seed=s, **acc) for v in variants for b in (4, 3) for s in seeds
+                  for method in BASELINES]
+        specs += [make_spec(v, "adfq_init", b, seed=s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq", **acc)
+                  for v in variants for b in (4, 3) for s in seeds]
+        specs += [run for v in variants for b in (4, 3) for s in seeds
+                  for run in (adfq(v, b, s), adfq(v, b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq"))]
     if "ablation" in args.groups:
         specs += [adfq(m, b, s, changes=changes, tag=tag)
                   for m in models for b in (4, 3) for s in seeds for tag, changes in ABLATIONS.items()]

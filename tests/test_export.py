@@ -195,3 +195,15 @@ def test_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         export_quantized(model, path, config, model_name="tiny")
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["q.safetensors"]
+
+
+def test_torch_compile_captures_one_graph():
+    """No graph break (``fullgraph=True``) in the fake-quant or the deployed forward; ``aot_eager`` runs the
+    captured graph without a C++ toolchain, which inductor (the default backend, in the export benchmark) needs."""
+    model, _ = quantized("vit")
+    deployed = deploy(copy.deepcopy(model))
+    x = make_images(3, seed=4)
+    for m in (model, deployed):
+        torch.compiler.reset()
+        compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+        assert torch.equal(outputs(compiled, x), outputs(model, x))

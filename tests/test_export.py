@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from adfq_lightning import ADFQConfig, quantize, set_quantization
 from adfq_lightning.export import (
@@ -73,6 +74,24 @@ def test_safetensors_artifact_round_trip_is_exact_and_small(arch, name, tmp_path
     assert torch.equal(outputs(loaded, x), outputs(model, x))
     fp32 = sum(t.numel() * 4 for t in build_tiny(arch).state_dict().values())
     assert os.path.getsize(path) < fp32  # 4-bit codes, two a byte (tiny models: headers weigh a lot)
+
+
+def test_float_tensors_exact_in_float16_are_stored_as_float16(tmp_path):
+    model = build_tiny("vit")
+    with torch.no_grad():  # weights as if trained or shipped in half precision
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    config = CONFIGS["adfq_w4a4"]
+    quantize(model, make_images(16, seed=2), config)
+    path = export_quantized(model, tmp_path / "q.safetensors", config, model_name="tiny_vit")
+    with safe_open(str(path), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["pos_embed"] == dtypes["norm.weight"] == "F16"
+    assert all(dtypes[k] == "F32" for k in dtypes if k.endswith("weight_scale"))  # calibrated: not exact in F16
+    loaded = load_exported(path, model=build_tiny("vit", seed=9))
+    assert loaded.pos_embed.dtype == torch.float32
+    x = make_images(6, seed=7)
+    assert torch.equal(outputs(loaded, x), outputs(model, x))
 
 
 def test_reference_model_artifact_builds_itself_from_the_header(tmp_path):

@@ -2,9 +2,9 @@
 
 The file holds the state of the deployed model (:func:`~adfq_lightning.export.deploy`): weight codes packed by
 bit width, per-channel scales and zero points, biases, the float parameters that stay float (norms, tokens,
-position embeddings), and every activation quantizer's buffers (per-patch scales, clip bounds, log steps and
-shifts). A JSON header in the safetensors metadata names the model, its constructor arguments, the recipe and
-the package version. Loading reads no pickle and runs no calibration.
+position embeddings; as float16 where that is lossless), and every activation quantizer's buffers (per-patch
+scales, clip bounds, log steps and shifts). A JSON header in the safetensors metadata names the model, its
+constructor arguments, the recipe and the package version. Loading reads no pickle and runs no calibration.
 """
 
 from __future__ import annotations
@@ -60,13 +60,21 @@ def export_quantized(model: nn.Module, path: Union[str, Path], config: ADFQConfi
             key = f"{prefix}.weight_codes"
             packed[key] = {"bits": layer.bits, "shape": list(state[key].shape)}
             state[key] = pack_codes(state[key], layer.bits)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    halved = sorted(k for k, v in tensors.items() if _exact_in_float16(v))
+    tensors.update({k: tensors[k].half() for k in halved})
     families = {n: q.family for n, q in model.named_modules() if isinstance(q, BestOfQuantizer)}
     header = {"format": ARTIFACT_FORMAT, "model": name, "model_kwargs": model_kwargs or {}, "config": config.to_dict(),
-              "adfq_lightning": __version__, "packed": packed, "families": families}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+              "adfq_lightning": __version__, "packed": packed, "families": families, "float16": halved}
     path = Path(path)
     atomic_write(path, safetensors_bytes(tensors, metadata={HEADER_KEY: json.dumps(header)}))
     return path
+
+
+def _exact_in_float16(t: torch.Tensor) -> bool:
+    """A float32 tensor that float16 holds without loss (weights trained or shipped in half precision): stored
+    as float16, half the bytes, loaded back bit for bit."""
+    return t.dtype == torch.float32 and bool(torch.equal(t.half().float(), t))
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -109,6 +117,9 @@ def load_exported(path: Union[str, Path], model: Optional[nn.Module] = None) -> 
         if key not in tensors:
             raise ValueError(f"{path} lacks {key}: the file is corrupt.")
         tensors[key] = unpack_codes(tensors[key], spec["bits"], tuple(spec["shape"]))
+    for key in header.get("float16", []):
+        if key in tensors:
+            tensors[key] = tensors[key].float()
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{path} has NaN/Inf values in {bad[:3]}: the file is corrupt.")

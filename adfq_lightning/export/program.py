@@ -26,6 +26,8 @@ def export_program(model: nn.Module, path: Union[str, Path], example: torch.Tens
     shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
     # a copy: the program stores its example input, and a view would drag the whole tensor it views along
     program = torch.export.export(deployed.eval(), (example.clone(),), dynamic_shapes=shapes, strict=False)
+    for node in program.graph.nodes:  # source lines of every op: a quarter of the file, and local paths leak
+        node.meta.pop("stack_trace", None)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     path = Path(path)

@@ -12,6 +12,9 @@ import torch
 
 __all__ = ["atomic_torch_save", "atomic_write"]
 
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
 
 def atomic_write(path: Union[str, Path], data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it.
@@ -29,6 +32,7 @@ def atomic_write(path: Union[str, Path], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; the file gets the mode open() would give
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -251,6 +251,12 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypat
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]
 
 
+def test_atomic_write_gives_the_mode_a_plain_open_gives(tmp_path):
+    (tmp_path / "plain").write_bytes(b"x")
+    atomic_torch_save({"version": torch.tensor(1)}, tmp_path / "model.pt")  # mkstemp alone would give 0o600
+    assert (tmp_path / "model.pt").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def test_save_quantized_and_report_are_crash_safe(w4a4_file, tiny_vit, tmp_path, monkeypatch):
     before = w4a4_file.read_bytes()
     report = write_report({"model": "a"}, tmp_path)

@@ -89,6 +89,15 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
         check(f"W3A3 loses {fp - w3:.2f} Top-1 (target ≤ 4.0)", fp - w3 <= 4.0)
     if w6 is not None:
         check(f"W6A6 is {abs(fp - w6):.2f} from FP (target ≤ 0.3)", abs(fp - w6) <= 0.3)
+    for b in sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq_init", tag="")}):
+        init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
+        best = max(((mean_of(runs, model=model, preset=m, w_bits=b), m) for m in ("minmax", "percentile")
+                    if mean_of(runs, model=model, preset=m, w_bits=b) is not None), default=None)
+        if best is not None:
+            spread = max(std_of(runs, model=model, preset="adfq_init", tag="", w_bits=b),
+                         std_of(runs, model=model, preset=best[1], w_bits=b))
+            check(f"W{b}A{b}: ADFQ without reconstruction {init - best[0]:+.2f} vs the better baseline ({LABELS[best[1]]}"
+                  f"; larger std {spread:.2f}; target ≥ 0)", init >= best[0])
     for b in (3, 4):
         init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
         for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag="", w_bits=b)}):
@@ -190,7 +199,7 @@ def render(data: dict, iters: int) -> str:
         lines += [f"## {model}", ""] + bits_table(runs, model, iters) + [""]
         checks = targets(runs, model, iters)
         if checks:
-            lines += ["Targets (issue 9 §4, means over seeds):", ""] + checks + [""]
+            lines += ["Targets (issue 9 §4, issue 10 §3-4; means over seeds):", ""] + checks + [""]
     for title, body in (("Stress variants (ImageNet-like outlier channels, same function)", stress_table(runs, iters)),
                         (f"Ablation (full ADFQ, {iters} it/module, one component off; Δ vs full)",
                          ablation_table(runs, iters)),

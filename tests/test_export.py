@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from adfq_lightning.export import (
     onnx_session,
 )
 from adfq_lightning.export.deployed import IntConv2d, IntLinear
+from adfq_lightning.models import RandomWeightsWarning
 from adfq_lightning.export.packing import pack_codes, unpack_codes
 
 from conftest import build_tiny, make_images
@@ -100,7 +102,9 @@ def test_reference_model_artifact_builds_itself_from_the_header(tmp_path):
     model = create_reference_model("vit_cifar")  # random weights: only the mechanics are tested here
     config = ADFQConfig(reconstruct=False, init_samples=8)
     quantize(model, torch.randn(8, 3, 32, 32), config)
-    loaded = load_exported(export_quantized(model, tmp_path / "vit.safetensors", config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomWeightsWarning)  # the weights come from the file: no random-weight alarm
+        loaded = load_exported(export_quantized(model, tmp_path / "vit.safetensors", config))
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(outputs(loaded, x), outputs(model, x))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..config import ADFQConfig
 from ..io import atomic_write
-from ..models import create_model
+from ..models import RandomWeightsWarning, create_model
 from ..modules import convert, is_quantized
 from ..quantizers import BestOfQuantizer
 from ..reconstruction import check_supported
@@ -106,7 +107,10 @@ def load_exported(path: Union[str, Path], model: Optional[nn.Module] = None) -> 
     path = Path(path)
     header, tensors = _read(path)
     config = ADFQConfig(**header["config"])
-    model = model if model is not None else create_model(header["model"], pretrained=False, **header["model_kwargs"])
+    if model is None:
+        with warnings.catch_warnings():  # every weight comes from the file: the model is random only until then
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            model = create_model(header["model"], pretrained=False, **header["model_kwargs"])
     check_supported(model)
     if not any(is_quantized(m) for m in model.modules()):
         convert(model, config)

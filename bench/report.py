@@ -91,8 +91,8 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
         check(f"W6A6 is {abs(fp - w6):.2f} from FP (target ≤ 0.3)", abs(fp - w6) <= 0.3)
     for b in sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq_init", tag="")}):
         init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
-        best = max(((mean_of(runs, model=model, preset=m, w_bits=b), m) for m in ("minmax", "percentile")
-                    if mean_of(runs, model=model, preset=m, w_bits=b) is not None), default=None)
+        baselines = [(mean_of(runs, model=model, preset=m, w_bits=b), m) for m in ("minmax", "percentile")]
+        best = max((pair for pair in baselines if pair[0] is not None), default=None)
         if best is not None:
             spread = max(std_of(runs, model=model, preset="adfq_init", tag="", w_bits=b),
                          std_of(runs, model=model, preset=best[1], w_bits=b))

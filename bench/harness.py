@@ -128,6 +128,12 @@ def run_one(spec: dict) -> dict:
     model = create_reference_model(spec["model"], pretrained=True).to(device)
     transform = cifar10_eval_transform(timm.data.resolve_data_config(model=model))
     result = dict(spec, calib_seconds=0.0, peak_mem_mb=0.0)
+
+    @torch.no_grad()
+    def logits_of_val() -> torch.Tensor:
+        return torch.cat([model(transform(val_u8[i : i + 500]).to(device)) for i in range(0, len(val_u8), 500)])
+
+    fp_logits = logits_of_val() if spec["preset"] != "fp" else None
     if spec["preset"] != "fp":
         extra = {"iters": spec["iters"], "batch_size": spec["batch_size"]} if spec["iters"] else {}
         config = ADFQConfig.preset(spec["preset"], w_bits=spec["w_bits"], a_bits=spec["a_bits"], seed=spec["seed"],
@@ -147,15 +153,15 @@ def run_one(spec: dict) -> dict:
         result["peak_mem_mb"] = max(0.0, hwm - rss0) if hwm is not None and rss0 is not None else None
         result["modules"] = [{"name": s.name, **s.stats} for s in engine.stages]
         del images, engine
-    top1 = MulticlassAccuracy(num_classes=10, top_k=1, average="micro").to(device)
-    top5 = MulticlassAccuracy(num_classes=10, top_k=5, average="micro").to(device)
-    with torch.no_grad():
-        for i in range(0, len(val_u8), 500):
-            logits = model(transform(val_u8[i : i + 500]).to(device))
-            top1.update(logits, val_labels[i : i + 500].to(device))
-            top5.update(logits, val_labels[i : i + 500].to(device))
-    result.update(top1=float(top1.compute()) * 100, top5=float(top5.compute()) * 100,
-                  loadavg_end=os.getloadavg()[0], torch=torch.__version__)
+    logits, labels = logits_of_val(), val_labels.to(device)
+    top1 = MulticlassAccuracy(num_classes=10, top_k=1, average="micro").to(device)(logits, labels)
+    top5 = MulticlassAccuracy(num_classes=10, top_k=5, average="micro").to(device)(logits, labels)
+    if fp_logits is not None:  # how far from the float model, beyond the labels: Top-1 alone is coarse at 6-8 bits
+        result["fp_agreement"] = float((logits.argmax(1) == fp_logits.argmax(1)).float().mean()) * 100
+        result["kl_to_fp"] = float(torch.nn.functional.kl_div(logits.log_softmax(1), fp_logits.log_softmax(1),
+                                                              log_target=True, reduction="batchmean"))
+    result.update(top1=float(top1) * 100, top5=float(top5) * 100,
+                  loadavg_end=os.getloadavg()[0], torch=torch.__version__, machine=machine_info(spec["device"]))
     return result
 
 
@@ -185,13 +191,47 @@ def save_results(path: Path, data: dict) -> None:
     atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
+def merge_results(data: dict, others: list[dict]) -> int:
+    """Add to ``data`` the runs of ``others`` it lacks (made on other machines); return how many."""
+    done = {spec_key(r) for r in data["runs"]}
+    added = 0
+    for other in others:
+        new = [r for r in other["runs"] if spec_key(r) not in done]
+        done.update(spec_key(r) for r in new)
+        if new:
+            data["runs"] += new
+            added += len(new)
+            data["meta"].setdefault("merged", []).append({"commands": other["meta"].get("commands", []),
+                                                          "machine": other["meta"].get("machine", {}),
+                                                          "runs": len(new)})
+    return added
+
+
 def select(runs: list[dict], **fields) -> list[dict]:
     return [r for r in runs if all(r.get(k) == v for k, v in fields.items())]
 
 
+class TimeBudgetSpent(Exception):
+    """A run was not started: the command's time budget was spent."""
+
+
 def run_specs(specs: list[dict], path: Path, command: str, jobs: int = 1, timeout: Optional[float] = None,
-              on_result: Optional[Callable[[dict], None]] = None) -> dict:
-    """Run every spec not yet in ``path`` (``jobs`` at a time) and save after each one; return the data."""
+              on_result: Optional[Callable[[dict], None]] = None, time_budget: Optional[float] = None) -> dict:
+    """Run every spec not yet in ``path`` (``jobs`` at a time) and save after each one; return the data.
+
+    With ``time_budget`` (seconds), no run starts after it and a run still going then is stopped unrecorded:
+    for a lent machine whose time is counted; the next call resumes from the file.
+    """
+    deadline = None if time_budget is None else time.monotonic() + time_budget
+
+    def run(spec: dict) -> dict:
+        if deadline is None:
+            return run_in_subprocess(spec, timeout)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeBudgetSpent
+        return run_in_subprocess(spec, left if timeout is None else min(timeout, left))
+
     data = load_results(path)
     done = {spec_key(r) for r in data["runs"]}
     todo = [s for s in dict((spec_key(s), s) for s in specs).values() if spec_key(s) not in done]
@@ -203,13 +243,16 @@ def run_specs(specs: list[dict], path: Path, command: str, jobs: int = 1, timeou
           f"({jobs} at a time).", flush=True)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_in_subprocess, s, timeout): s for s in todo}
+        futures = {pool.submit(run, s): s for s in todo}
         for n, future in enumerate(as_completed(futures), 1):
             spec = futures[future]
             label = f"{spec['model']} {spec['preset']} W{spec['w_bits']}A{spec['a_bits']} {spec['tag']} " \
                     f"iters={spec['iters']} seed={spec['seed']}"
             try:
                 result = future.result()
+            except TimeBudgetSpent:
+                print(f"[{n}/{len(todo)}] not started (time budget spent): {label}", flush=True)
+                continue
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 print(f"[{n}/{len(todo)}] FAILED {label}: {err}", file=sys.stderr, flush=True)
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -27,12 +28,12 @@ def stats(values: list[float]) -> Optional[tuple[float, float, int]]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
-def cell(values: list[float]) -> str:
+def cell(values: list[float], fmt: str = ".2f") -> str:
     s = stats(values)
     if s is None:
         return "–"
     mean, std, n = s
-    return f"{mean:.2f}" if n == 1 else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:{fmt}}" if n == 1 else f"{mean:{fmt}} ± {std:{fmt}}"
 
 
 def accuracy_runs(data: dict) -> list[dict]:
@@ -69,26 +70,26 @@ def std_of(runs, **fields) -> float:
     return 0.0 if s is None else s[1]
 
 
+def verdict(text: str, ok: bool) -> str:
+    return f"- {'met' if ok else '**missed**'}: {text}"
+
+
 def targets(runs: list[dict], model: str, iters: int) -> list[str]:
-    """The targets of issue 9, section 4, for one model: measured, with the margin."""
+    """The targets of issue 9 §4 and issue 10 §3-4 for one model: measured, with the margin."""
     fp = mean_of(runs, model=model, preset="fp")
     if fp is None:
         return []
     out = []
-
-    def check(text: str, ok: bool) -> None:
-        out.append(f"- {'met' if ok else '**missed**'}: {text}")
-
     w4, w3, w6 = (mean_of(runs, model=model, preset="adfq", tag="", iters=iters, w_bits=b) for b in (4, 3, 6))
     pct4 = mean_of(runs, model=model, preset="percentile", w_bits=4)
     if w4 is not None:
-        check(f"W4A4 loses {fp - w4:.2f} Top-1 (target ≤ 1.0)", fp - w4 <= 1.0)
+        out.append(verdict(f"W4A4 loses {fp - w4:.2f} Top-1 (target ≤ 1.0)", fp - w4 <= 1.0))
         if pct4 is not None:
-            check(f"W4A4 beats Percentile by {w4 - pct4:.2f} (target ≥ 1.0)", w4 - pct4 >= 1.0)
+            out.append(verdict(f"W4A4 beats Percentile by {w4 - pct4:.2f} (target ≥ 1.0)", w4 - pct4 >= 1.0))
     if w3 is not None:
-        check(f"W3A3 loses {fp - w3:.2f} Top-1 (target ≤ 4.0)", fp - w3 <= 4.0)
+        out.append(verdict(f"W3A3 loses {fp - w3:.2f} Top-1 (target ≤ 4.0)", fp - w3 <= 4.0))
     if w6 is not None:
-        check(f"W6A6 is {abs(fp - w6):.2f} from FP (target ≤ 0.3)", abs(fp - w6) <= 0.3)
+        out.append(verdict(f"W6A6 is {abs(fp - w6):.2f} from FP (target ≤ 0.3)", abs(fp - w6) <= 0.3))
     for b in sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq_init", tag="")}):
         init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
         baselines = [(mean_of(runs, model=model, preset=m, w_bits=b), m) for m in ("minmax", "percentile")]
@@ -96,8 +97,8 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
         if best is not None:
             spread = max(std_of(runs, model=model, preset="adfq_init", tag="", w_bits=b),
                          std_of(runs, model=model, preset=best[1], w_bits=b))
-            check(f"W{b}A{b}: ADFQ without reconstruction {init - best[0]:+.2f} vs the better baseline ({LABELS[best[1]]}"
-                  f"; larger std {spread:.2f}; target ≥ 0)", init >= best[0])
+            out.append(verdict(f"W{b}A{b}: ADFQ without reconstruction {init - best[0]:+.2f} vs the better baseline "
+                               f"({LABELS[best[1]]}; larger std {spread:.2f}; target ≥ 0)", init >= best[0]))
     for b in (3, 4):
         init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
         for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag="", w_bits=b)}):
@@ -105,8 +106,30 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
             spread = max(std_of(runs, model=model, preset="adfq", tag="", iters=budget, w_bits=b),
                          std_of(runs, model=model, preset="adfq_init", tag="", w_bits=b))
             if init is not None and full is not None:
-                check(f"W{b}A{b}, {budget} it: reconstruction {full - init:+.2f} over none (never below by more "
-                      f"than one std, {spread:.2f})", full >= init - spread)
+                out.append(verdict(f"W{b}A{b}, {budget} it: reconstruction {full - init:+.2f} over none (never below "
+                                   f"by more than one std, {spread:.2f})", full >= init - spread))
+    return out + budget_targets(runs, model, iters)
+
+
+def budget_targets(runs: list[dict], model: str, iters: int) -> list[str]:
+    """Issue 10 §3 at W3A3: the gain at 1,000 iterations, and the share of the 3,000-iteration gain (and of its
+    calibration time) that the default budget reaches."""
+    fields = dict(model=model, preset="adfq", tag="", w_bits=3)
+    init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=3)
+    if init is None:
+        return []
+    at = {it: mean_of(runs, iters=it, **fields) for it in (iters, 1000, 3000)}
+    out = []
+    if at[1000] is not None:
+        out.append(verdict(f"W3A3, 1000 it: reconstruction gains {at[1000] - init:+.2f} (target ≥ 1.0)",
+                           at[1000] - init >= 1.0))
+    if at[3000] is not None and at[iters] is not None and at[3000] > init:
+        share = (at[iters] - init) / (at[3000] - init)
+        seconds = {it: statistics.mean(r["calib_seconds"] for r in select(runs, iters=it, **fields))
+                   for it in (iters, 3000)}
+        out.append(verdict(f"W3A3: {iters} it reach {share:.0%} of the 3000-it gain (target ≥ 90 %), in "
+                           f"{seconds[iters] / seconds[3000]:.0%} of its calibration time ({seconds[iters]:.0f} s "
+                           f"vs {seconds[3000]:.0f} s)", share >= 0.9))
     return out
 
 
@@ -135,12 +158,12 @@ def stress_table(runs: list[dict], iters: int) -> list[str]:
 
 
 def ablation_table(runs: list[dict], iters: int) -> list[str]:
-    tags = [t for t in ABLATION_LABELS if select(runs, tag=t)]
+    tags = [t for t in ABLATION_LABELS if select(runs, tag=t, preset="adfq")]
     if not tags:
         return []
     lines = ["| model | bits | full ADFQ | " + " | ".join(ABLATION_LABELS[t] for t in tags) + " |",
              "|---|---|---:|" + "---:|" * len(tags)]
-    for model in sorted({r["model"] for r in runs if r["tag"] in tags}):
+    for model in sorted({r["model"] for r in runs if r["tag"] in tags and r["preset"] == "adfq"}):
         for b in (4, 3):
             full = stats(top1s(runs, model=model, preset="adfq", tag="", iters=iters, w_bits=b))
             cells = []
@@ -150,8 +173,11 @@ def ablation_table(runs: list[dict], iters: int) -> list[str]:
                     cells.append("–")
                     continue
                 delta = off[0] - full[0]
+                if off[2] == 1:  # no spread of its own: say so rather than judge
+                    cells.append(f"{off[0]:.2f} ({delta:+.2f}, 1 seed)")
+                    continue
                 noise = abs(delta) <= max(off[1], full[1])
-                cells.append(f"{off[0]:.2f} ({delta:+.2f}{', noise' if noise else ''})")
+                cells.append(f"{off[0]:.2f} ± {off[1]:.2f} ({delta:+.2f}{', noise' if noise else ''})")
             lines.append(f"| {model} | W{b}A{b} | {cell(top1s(runs, model=model, preset='adfq', tag='', iters=iters, w_bits=b))} | "
                          + " | ".join(cells) + " |")
     return lines
@@ -174,6 +200,33 @@ def convergence_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def fidelity_table(runs: list[dict]) -> list[str]:
+    """Distance to the float model for the runs that measured it: finer than Top-1 where every method ties."""
+    measured = [r for r in runs if "fp_agreement" in r and r["tag"] == ""]
+    lines = ["| model | bits | method | Top-1 | same prediction as FP32 (%) | KL(FP32 ‖ quantized), nats |",
+             "|---|---|---|---:|---:|---:|"]
+    for model, b, preset, it in sorted({(r["model"], r["w_bits"], r["preset"], r["iters"]) for r in measured}):
+        sel = select(measured, model=model, w_bits=b, preset=preset, iters=it)
+        lines.append(f"| {model} | W{b}A{b} | {LABELS.get(preset, f'ADFQ, {it} it/module')} | "
+                     f"{cell([r['top1'] for r in sel])} | {cell([r['fp_agreement'] for r in sel])} | "
+                     f"{cell([r['kl_to_fp'] for r in sel], '.4f')} |")
+    return lines if measured else []
+
+
+def cost_table(data: dict) -> list[str]:
+    """Calibration time and memory of the W4A4 accuracy runs made here (one thread each, two runs sharing the cores)."""
+    local_torch = data["meta"].get("machine", {}).get("torch")
+    runs = [r for r in accuracy_runs(data) if r["device"] == "cpu" and r.get("torch") == local_torch and r["tag"] == ""
+            and r["w_bits"] == 4 and r["preset"] != "fp"]
+    lines = ["| model | method | runs | calibration wall time | peak memory rise |", "|---|---|---:|---:|---:|"]
+    for model, preset, it in sorted({(r["model"], r["preset"], r["iters"]) for r in runs}):
+        sel = select(runs, model=model, preset=preset, iters=it)
+        mem = [r["peak_mem_mb"] for r in sel if r.get("peak_mem_mb") is not None]
+        lines.append(f"| {model} | {LABELS.get(preset, f'ADFQ, {it} it/module')} | {len(sel)} | "
+                     f"{cell([r['calib_seconds'] for r in sel], '.0f')} s | {cell(mem, '.0f')} MB |")
+    return lines if runs else []
+
+
 def timing_table(data: dict) -> list[str]:
     runs = [r for r in data["runs"] if r["threads"] > 1]
     if not runs:
@@ -186,13 +239,23 @@ def timing_table(data: dict) -> list[str]:
     return lines
 
 
+def platforms(data: dict) -> str:
+    """How many runs each machine made (runs merged from a GPU machine carry their own description)."""
+    counts: Counter = Counter()
+    for r in data["runs"]:
+        m = r.get("machine") or data["meta"].get("machine", {})
+        where = m.get("gpu", "GPU") if r["device"].startswith("cuda") else f"{m.get('cpu_count')} CPUs ({m.get('cpu_model')})"
+        counts[f"{where}, torch {r.get('torch', m.get('torch'))}"] += 1
+    return "Runs per machine: " + "; ".join(f"{n} on {where}" for where, n in counts.items()) + "."
+
+
 def render(data: dict, iters: int) -> str:
     runs = accuracy_runs(data)
-    machine = data["meta"].get("machine", {})
     lines = ["# ADFQ-ViT benchmark on the reference CIFAR-10 models", "", "Produced by:", ""]
-    lines += [f"- `{c}`" for c in data["meta"].get("commands", [])] + [""]
-    lines += [f"Machine: {machine.get('cpu_count')} CPUs ({machine.get('cpu_model')}), torch {machine.get('torch')}. "
-              "Top-1 % on the 5,000 validation images, mean ± std over calibration seeds (each seed: another 1,024 "
+    lines += [f"- `{c}`" for c in data["meta"].get("commands", [])]
+    lines += [f"- `{c}` (on {m['machine'].get('gpu', m['machine'].get('cpu_model'))}, merged)"
+              for m in data["meta"].get("merged", []) for c in m["commands"]] + [""]
+    lines += [f"{platforms(data)} Top-1 % on the 5,000 validation images, mean ± std over calibration seeds (each seed: another 1,024 "
               "calibration images from the training split, and another reconstruction seed). A difference smaller "
               "than the spread is noise. Patch embedding and classifier stay at 8 bits.", ""]
     for model in [m for m in ("vit_cifar", "deit_cifar", "swin_cifar") if select(runs, model=m)]:
@@ -204,6 +267,9 @@ def render(data: dict, iters: int) -> str:
                         (f"Ablation (full ADFQ, {iters} it/module, one component off; Δ vs full)",
                          ablation_table(runs, iters)),
                         ("Convergence of reconstruction", convergence_table(runs)),
+                        ("Distance to the float model", fidelity_table(runs)),
+                        ("Calibration wall time and peak memory at W4A4 (accuracy runs: 1 thread, two runs sharing "
+                         "the 2 cores)", cost_table(data)),
                         ("Calibration wall time and peak memory (one run each, alone on the machine)",
                          timing_table(data))):
         if body:

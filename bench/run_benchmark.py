@@ -8,14 +8,18 @@ Groups of runs (``--groups``, in this order of priority):
 * ``stress``: the ``*_outliers`` variants at W4A4 and W3A3: the baselines, ADFQ with and without
   reconstruction, each also without PPOQ;
 * ``ablation``: full ADFQ with one component off (PPOQ, SLQ, log-sqrt(2) softmax, attention KL, QDrop) at
-  W4A4 and W3A3;
-* ``budget``: full ADFQ at 1,000 iterations per module (W3A3, W4A4, every seed) and 3,000 (first seed);
+  W3A3 and W4A4 (those of ``--bits``, in its order);
+* ``budget``: full ADFQ at 100 and 1,000 iterations per module (W3A3, W4A4, every seed) and 3,000 (first
+  seed); ``--budget-iters`` picks among them and their order, ``--bits`` the widths as for ``ablation``;
 * ``timing``: one run of each method at W4A4 per model, alone and with ``--timing-threads`` threads, for
   the calibration wall time and peak memory (the accuracy runs share the cores and are not timed).
 
-Each seed draws other calibration images (1,024 of the 45,000 training images) and reseeds reconstruction.
+Groups run in the order given. Each seed draws other calibration images (1,024 of the 45,000 training images)
+and reseeds reconstruction.
 
     python bench/run_benchmark.py --groups bits adfq --jobs 2
+    python bench/run_benchmark.py --groups budget --budget-iters 1000 --device cuda --jobs 3 --time-budget 300
+    python bench/run_benchmark.py --merge other/benchmark.json   # runs made elsewhere, then the report
     python bench/run_benchmark.py --report-only
 
 Writes ``bench/results/benchmark.json`` (resumable), ``benchmark.md`` and ``top1_vs_bits.png``.
@@ -28,7 +32,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from harness import REPO, load_results, make_spec, run_specs
+from harness import REPO, load_results, make_spec, merge_results, run_specs, save_results
 from report import write_reports
 
 MODELS = ("vit_cifar", "deit_cifar", "swin_cifar")
@@ -42,39 +46,39 @@ ABLATIONS = {
     "no_qdrop": {"qdrop_prob": 1.0},
 }
 GROUPS = ("bits", "adfq", "stress", "ablation", "budget", "timing")
+#: budgets of the ``budget`` group run at every seed; the others (3,000) at the first seed only
+EVERY_SEED_BUDGETS = (100, 1000)
 
 
 def plan(args) -> list[dict]:
-    specs = []
+    """The accuracy runs of ``args.groups``, group after group in the order given."""
     seeds, models = args.seeds, args.models
     variants = [f"{m}_outliers" for m in models]
-    acc = dict(threads=1)
+    low_bits = [b for b in args.bits if b in (3, 4)]  # the widths of the ablation and budget groups
+    acc = dict(threads=1, device=args.device)
+    baseline = lambda model, method, bits=None, seed=0, **kw: make_spec(model, method, bits, seed=seed, **acc, **kw)  # noqa: E731
     adfq = lambda model, bits, seed, **kw: make_spec(model, "adfq", bits, seed=seed, **{"iters": args.iters, **acc, **kw})  # noqa: E731
-    if "bits" in args.groups:
-        specs += [make_spec(m, "fp", **acc) for m in models]
-        specs += [make_spec(m, method, b, seed=s, **acc)
-                  for m in models for b in args.bits for method in BASELINES for s in seeds]
-    if "adfq" in args.groups:
-        specs += [adfq(m, b, s) for m in models for b in (3, 4, 6) for s in seeds]
-    if "stress" in args.groups:  # the quick runs (no reconstruction) first
-        specs += [make_spec(v, "fp", **acc) for v in variants]
-        specs += [make_spec(v, method, b, seed=s, **acc) for v in variants for b in (4, 3) for s in seeds
-                  for method in BASELINES]
-        specs += [make_spec(v, "adfq_init", b, seed=s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq", **acc)
-                  for v in variants for b in (4, 3) for s in seeds]
-        specs += [run for v in variants for b in (4, 3) for s in seeds
-                  for run in (adfq(v, b, s), adfq(v, b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq"))]
-    if "ablation" in args.groups:
-        specs += [adfq(m, b, s, changes=changes, tag=tag)
-                  for m in models for b in (4, 3) for s in seeds for tag, changes in ABLATIONS.items()]
-    if "budget" in args.groups:
-        specs += [adfq(m, b, s, iters=1000) for m in models for b in (3, 4) for s in seeds]
-        specs += [adfq(m, b, seeds[0], iters=3000) for m in models for b in (4, 3)]
-    return specs
+    groups = {
+        "bits": lambda: [baseline(m, "fp") for m in models]
+        + [baseline(m, method, b, s) for m in models for b in args.bits for method in BASELINES for s in seeds],
+        "adfq": lambda: [adfq(m, b, s) for m in models for b in (3, 4, 6) for s in seeds],
+        # the quick runs (no reconstruction) first
+        "stress": lambda: [baseline(v, "fp") for v in variants]
+        + [baseline(v, method, b, s) for v in variants for b in (4, 3) for s in seeds for method in BASELINES]
+        + [baseline(v, "adfq_init", b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq")
+           for v in variants for b in (4, 3) for s in seeds]
+        + [run for v in variants for b in (4, 3) for s in seeds
+           for run in (adfq(v, b, s), adfq(v, b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq"))],
+        "ablation": lambda: [adfq(m, b, s, changes=changes, tag=tag) for m in models for b in low_bits
+                             for s in seeds for tag, changes in ABLATIONS.items()],
+        "budget": lambda: [adfq(m, b, s, iters=it) for it in args.budget_iters for m in models for b in low_bits
+                           for s in (seeds if it in EVERY_SEED_BUDGETS else seeds[:1])],
+    }
+    return [spec for group in args.groups if group in groups for spec in groups[group]()]
 
 
 def timing_plan(args) -> list[dict]:
-    threads = dict(threads=args.timing_threads)
+    threads = dict(threads=args.timing_threads, device=args.device)
     specs = []
     for m in args.models:
         specs += [make_spec(m, method, 4, **threads) for method in BASELINES]
@@ -90,17 +94,28 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=200, help="the default budget (iterations per module)")
     p.add_argument("--jobs", type=int, default=2, help="accuracy runs at a time (1 thread each)")
+    p.add_argument("--budget-iters", nargs="+", type=int, default=[100, 1000, 3000], choices=[100, 1000, 3000])
+    p.add_argument("--device", default="cpu", help="where the accuracy runs calibrate and evaluate (cpu, cuda)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: no run starts later, and a run still going then is stopped and not recorded")
     p.add_argument("--timing-threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--merge", nargs="+", type=Path, default=[],
+                   help="results files of runs made elsewhere (another machine, a GPU): add their new runs, report")
     args = p.parse_args(argv)
     path = args.out / "benchmark.json"
-    if args.report_only:
-        write_reports(load_results(path), args.out, args.iters)
+    if args.report_only or args.merge:
+        data = load_results(path)
+        if args.merge:
+            added = merge_results(data, [load_results(other) for other in args.merge])
+            save_results(path, data)
+            print(f"{added} runs added to {path}", flush=True)
+        write_reports(data, args.out, args.iters)
         return 0
     command = shlex.join(["python", "bench/run_benchmark.py", *(argv if argv is not None else sys.argv[1:])])
     on_result = lambda data: write_reports(data, args.out, args.iters)  # noqa: E731
-    run_specs(plan(args), path, command, jobs=args.jobs, on_result=on_result)
+    run_specs(plan(args), path, command, jobs=args.jobs, on_result=on_result, time_budget=args.time_budget)
     if "timing" in args.groups:  # alone, one at a time: wall times and memory of a quiet machine
         run_specs(timing_plan(args), path, command, jobs=1, on_result=on_result)
     write_reports(load_results(path), args.out, args.iters)

@@ -133,8 +133,9 @@ def run_one(spec: dict) -> dict:
     def logits_of_val() -> torch.Tensor:
         return torch.cat([model(transform(val_u8[i : i + 500]).to(device)) for i in range(0, len(val_u8), 500)])
 
-    fp_logits = logits_of_val() if spec["preset"] != "fp" else None
+    fp_logits = None
     if spec["preset"] != "fp":
+        fp_logits = logits_of_val()
         extra = {"iters": spec["iters"], "batch_size": spec["batch_size"]} if spec["iters"] else {}
         config = ADFQConfig.preset(spec["preset"], w_bits=spec["w_bits"], a_bits=spec["a_bits"], seed=spec["seed"],
                                    **extra, **spec["changes"])

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from harness import select
+from harness import select, spec_key
 
 from adfq_lightning.io import atomic_write
 
@@ -37,7 +37,14 @@ def cell(values: list[float], fmt: str = ".2f") -> str:
 
 
 def accuracy_runs(data: dict) -> list[dict]:
-    return [r for r in data["runs"] if r["threads"] == 1]
+    """The one-thread runs, each cell and seed once: a repeat on another device (merged in) is left out."""
+    seen, runs = set(), []
+    for r in data["runs"]:
+        key = spec_key({**r, "device": None})
+        if r["threads"] == 1 and key not in seen:
+            seen.add(key)
+            runs.append(r)
+    return runs
 
 
 def method_rows(runs: list[dict], model: str, iters: int) -> list[tuple[str, dict]]:
@@ -243,7 +250,10 @@ def platforms(data: dict) -> str:
     """How many runs each machine made (runs merged from a GPU machine carry their own description)."""
     counts: Counter = Counter()
     for r in data["runs"]:
-        m = r.get("machine") or data["meta"].get("machine", {})
+        m = r.get("machine")
+        if m is None:  # runs made before the machine was recorded
+            counts[f"CPUs of earlier sessions (model not recorded), torch {r.get('torch')}"] += 1
+            continue
         where = m.get("gpu", "GPU") if r["device"].startswith("cuda") else f"{m.get('cpu_count')} CPUs ({m.get('cpu_model')})"
         counts[f"{where}, torch {r.get('torch', m.get('torch'))}"] += 1
     return "Runs per machine: " + "; ".join(f"{n} on {where}" for where, n in counts.items()) + "."
@@ -255,6 +265,10 @@ def render(data: dict, iters: int) -> str:
     lines += [f"- `{c}`" for c in data["meta"].get("commands", [])]
     lines += [f"- `{c}` (on {m['machine'].get('gpu', m['machine'].get('cpu_model'))}, merged)"
               for m in data["meta"].get("merged", []) for c in m["commands"]] + [""]
+    repeats = sum(r["threads"] == 1 for r in data["runs"]) - len(runs)
+    if repeats:
+        lines += [f"{repeats} runs repeat a cell and seed already run on another device; only the first recorded "
+                  "counts.", ""]
     lines += [f"{platforms(data)} Top-1 % on the 5,000 validation images, mean ± std over calibration seeds (each seed: another 1,024 "
               "calibration images from the training split, and another reconstruction seed). A difference smaller "
               "than the spread is noise. Patch embedding and classifier stay at 8 bits.", ""]

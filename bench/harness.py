@@ -28,9 +28,10 @@ sys.path.insert(0, str(REPO))  # run from a source checkout without installing
 from adfq_lightning.io import atomic_write  # noqa: E402
 
 RESULT_PREFIX = "BENCH_RESULT "
-#: Fields of a spec that identify a run (results with the same values are reused).
+#: Fields of a spec that identify a run (results with the same values are reused). The device is not one: a
+#: cell and seed done on a GPU machine and merged in is not run again on the CPU, nor counted twice.
 KEY_FIELDS = ("model", "preset", "w_bits", "a_bits", "changes", "tag", "iters", "batch_size", "num_calib", "num_val",
-              "seed", "threads", "device", "weights")
+              "seed", "threads", "weights")
 
 
 def spec_key(spec: dict) -> str:

@@ -37,10 +37,11 @@ def cell(values: list[float], fmt: str = ".2f") -> str:
 
 
 def accuracy_runs(data: dict) -> list[dict]:
-    """The one-thread runs, each cell and seed once: a repeat on another device (merged in) is left out."""
+    """The one-thread runs, each cell and seed once: a repeat made on another device before the device left
+    the run's key (``harness.KEY_FIELDS``) is left out, the first recorded counts."""
     seen, runs = set(), []
     for r in data["runs"]:
-        key = spec_key({**r, "device": None})
+        key = spec_key(r)
         if r["threads"] == 1 and key not in seen:
             seen.add(key)
             runs.append(r)

@@ -107,6 +107,12 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
                          std_of(runs, model=model, preset=best[1], w_bits=b))
             out.append(verdict(f"W{b}A{b}: ADFQ without reconstruction {init - best[0]:+.2f} vs the better baseline "
                                f"({LABELS[best[1]]}; larger std {spread:.2f}; target ≥ 0)", init >= best[0]))
+    return out + reconstruction_checks(runs, model) + budget_targets(runs, model, iters)
+
+
+def reconstruction_checks(runs: list[dict], model: str, prefix: str = "") -> list[str]:
+    """Issue 10 §3 at W3A3 and W4A4: full ADFQ never below no reconstruction by more than one std, per budget."""
+    out = []
     for b in (3, 4):
         init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
         for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag="", w_bits=b)}):
@@ -114,9 +120,9 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
             spread = max(std_of(runs, model=model, preset="adfq", tag="", iters=budget, w_bits=b),
                          std_of(runs, model=model, preset="adfq_init", tag="", w_bits=b))
             if init is not None and full is not None:
-                out.append(verdict(f"W{b}A{b}, {budget} it: reconstruction {full - init:+.2f} over none (never below "
+                out.append(verdict(f"{prefix}W{b}A{b}, {budget} it: reconstruction {full - init:+.2f} over none (never below "
                                    f"by more than one std, {spread:.2f})", full >= init - spread))
-    return out + budget_targets(runs, model, iters)
+    return out
 
 
 def budget_targets(runs: list[dict], model: str, iters: int) -> list[str]:
@@ -163,6 +169,23 @@ def stress_table(runs: list[dict], iters: int) -> list[str]:
                          f"{cell(top1s(runs, model=v, preset='adfq', tag='no_ppoq', iters=iters, w_bits=b))} | "
                          f"{ratio} |")
     return lines
+
+
+def stress_budget_table(runs: list[dict]) -> list[str]:
+    """Full ADFQ on the stress variants at every budget run, beside no reconstruction, and the checks."""
+    variants = sorted({r["model"] for r in runs if r["model"].endswith("_outliers")})
+    budgets = sorted({r["iters"] for v in variants for r in select(runs, model=v, preset="adfq", tag="")})
+    if len(budgets) < 2:
+        return []
+    lines = ["| variant | bits | ADFQ, no reconstruction | " + " | ".join(f"{it} it/module" for it in budgets) + " |",
+             "|---|---|---:|" + "---:|" * len(budgets)]
+    for v in variants:
+        for b in (4, 3):
+            lines.append(f"| {v} | W{b}A{b} | {cell(top1s(runs, model=v, preset='adfq_init', tag='', w_bits=b))} | "
+                         + " | ".join(cell(top1s(runs, model=v, preset="adfq", tag="", iters=it, w_bits=b))
+                                      for it in budgets) + " |")
+    checks = [line for v in variants for line in reconstruction_checks(runs, v, prefix=f"{v}, ")]
+    return lines + ["", "Targets (issue 10 §3 on the stress variants; means over seeds):", ""] + checks
 
 
 def ablation_table(runs: list[dict], iters: int) -> list[str]:
@@ -279,6 +302,7 @@ def render(data: dict, iters: int) -> str:
         if checks:
             lines += ["Targets (issue 9 §4, issue 10 §3-4; means over seeds):", ""] + checks + [""]
     for title, body in (("Stress variants (ImageNet-like outlier channels, same function)", stress_table(runs, iters)),
+                        ("Stress variants: full ADFQ by budget", stress_budget_table(runs)),
                         (f"Ablation (full ADFQ, {iters} it/module, one component off; Δ vs full)",
                          ablation_table(runs, iters)),
                         ("Convergence of reconstruction", convergence_table(runs)),

@@ -11,6 +11,7 @@ Groups of runs (``--groups``, in this order of priority):
   W3A3 and W4A4 (those of ``--bits``, in its order);
 * ``budget``: full ADFQ at 100 and 1,000 iterations per module (W3A3, W4A4, every seed) and 3,000 (first
   seed); ``--budget-iters`` picks among them and their order, ``--bits`` the widths as for ``ablation``;
+* ``stress_budget``: the same budgets on the ``*_outliers`` variants;
 * ``timing``: one run of each method at W4A4 per model, alone and with ``--timing-threads`` threads, for
   the calibration wall time and peak memory (the accuracy runs share the cores and are not timed).
 
@@ -45,7 +46,7 @@ ABLATIONS = {
     "no_attn_kl": {"attn_kl": False},
     "no_qdrop": {"qdrop_prob": 1.0},
 }
-GROUPS = ("bits", "adfq", "stress", "ablation", "budget", "timing")
+GROUPS = ("bits", "adfq", "stress", "ablation", "budget", "stress_budget", "timing")
 #: budgets of the ``budget`` group run at every seed; the others (3,000) at the first seed only
 EVERY_SEED_BUDGETS = (100, 1000)
 
@@ -58,6 +59,8 @@ def plan(args) -> list[dict]:
     acc = dict(threads=1, device=args.device)
     baseline = lambda model, method, bits=None, seed=0, **kw: make_spec(model, method, bits, seed=seed, **acc, **kw)  # noqa: E731
     adfq = lambda model, bits, seed, **kw: make_spec(model, "adfq", bits, seed=seed, **{"iters": args.iters, **acc, **kw})  # noqa: E731
+    budgets = lambda names: [adfq(m, b, s, iters=it) for it in args.budget_iters for m in names for b in low_bits  # noqa: E731
+                             for s in (seeds if it in EVERY_SEED_BUDGETS else seeds[:1])]
     groups = {
         "bits": lambda: [baseline(m, "fp") for m in models]
         + [baseline(m, method, b, s) for m in models for b in args.bits for method in BASELINES for s in seeds],
@@ -71,8 +74,8 @@ def plan(args) -> list[dict]:
            for run in (adfq(v, b, s), adfq(v, b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq"))],
         "ablation": lambda: [adfq(m, b, s, changes=changes, tag=tag) for m in models for b in low_bits
                              for s in seeds for tag, changes in ABLATIONS.items()],
-        "budget": lambda: [adfq(m, b, s, iters=it) for it in args.budget_iters for m in models for b in low_bits
-                           for s in (seeds if it in EVERY_SEED_BUDGETS else seeds[:1])],
+        "budget": lambda: budgets(models),
+        "stress_budget": lambda: budgets(variants),
     }
     return [spec for group in args.groups if group in groups for spec in groups[group]()]
 

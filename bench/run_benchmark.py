@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from harness import REPO, load_results, make_spec, merge_results, run_specs, save_results
@@ -118,9 +119,11 @@ def main(argv=None) -> int:
         return 0
     command = shlex.join(["python", "bench/run_benchmark.py", *(argv if argv is not None else sys.argv[1:])])
     on_result = lambda data: write_reports(data, args.out, args.iters)  # noqa: E731
-    run_specs(plan(args), path, command, jobs=args.jobs, on_result=on_result, time_budget=args.time_budget)
+    deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+    left = lambda: None if deadline is None else deadline - time.monotonic()  # noqa: E731
+    run_specs(plan(args), path, command, jobs=args.jobs, on_result=on_result, time_budget=left())
     if "timing" in args.groups:  # alone, one at a time: wall times and memory of a quiet machine
-        run_specs(timing_plan(args), path, command, jobs=1, on_result=on_result)
+        run_specs(timing_plan(args), path, command, jobs=1, on_result=on_result, time_budget=left())
     write_reports(load_results(path), args.out, args.iters)
     return 0
 

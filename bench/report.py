@@ -147,8 +147,12 @@ def budget_targets(runs: list[dict], model: str, iters: int) -> list[str]:
     return out
 
 
+def stress_variants(runs: list[dict]) -> list[str]:
+    return sorted({r["model"] for r in runs if r["model"].endswith("_outliers")})
+
+
 def stress_table(runs: list[dict], iters: int) -> list[str]:
-    variants = sorted({r["model"] for r in runs if r["model"].endswith("_outliers")})
+    variants = stress_variants(runs)
     if not variants:
         return []
     lines = ["| variant | FP32 | bits | MinMax | Percentile | ADFQ, no reconstruction | same w/o PPOQ | ADFQ | "
@@ -173,7 +177,7 @@ def stress_table(runs: list[dict], iters: int) -> list[str]:
 
 def stress_budget_table(runs: list[dict]) -> list[str]:
     """Full ADFQ on the stress variants at every budget run, beside no reconstruction, and the checks."""
-    variants = sorted({r["model"] for r in runs if r["model"].endswith("_outliers")})
+    variants = stress_variants(runs)
     budgets = sorted({r["iters"] for v in variants for r in select(runs, model=v, preset="adfq", tag="")})
     if len(budgets) < 2:
         return []

@@ -125,7 +125,7 @@ def reconstruction_checks(runs: list[dict], model: str, prefix: str = "") -> lis
     return out
 
 
-def budget_targets(runs: list[dict], model: str, iters: int) -> list[str]:
+def budget_targets(runs: list[dict], model: str, iters: int, prefix: str = "") -> list[str]:
     """Issue 10 §3 at W3A3: the gain at 1,000 iterations, and the share of the 3,000-iteration gain (and of its
     calibration time) that the default budget reaches."""
     fields = dict(model=model, preset="adfq", tag="", w_bits=3)
@@ -135,13 +135,13 @@ def budget_targets(runs: list[dict], model: str, iters: int) -> list[str]:
     at = {it: mean_of(runs, iters=it, **fields) for it in (iters, 1000, 3000)}
     out = []
     if at[1000] is not None:
-        out.append(verdict(f"W3A3, 1000 it: reconstruction gains {at[1000] - init:+.2f} (target ≥ 1.0)",
+        out.append(verdict(f"{prefix}W3A3, 1000 it: reconstruction gains {at[1000] - init:+.2f} (target ≥ 1.0)",
                            at[1000] - init >= 1.0))
     if at[3000] is not None and at[iters] is not None and at[3000] > init:
         share = (at[iters] - init) / (at[3000] - init)
         seconds = {it: statistics.mean(r["calib_seconds"] for r in select(runs, iters=it, **fields))
                    for it in (iters, 3000)}
-        out.append(verdict(f"W3A3: {iters} it reach {share:.0%} of the 3000-it gain (target ≥ 90 %), in "
+        out.append(verdict(f"{prefix}W3A3: {iters} it reach {share:.0%} of the 3000-it gain (target ≥ 90 %), in "
                            f"{seconds[iters] / seconds[3000]:.0%} of its calibration time ({seconds[iters]:.0f} s "
                            f"vs {seconds[3000]:.0f} s)", share >= 0.9))
     return out
@@ -175,8 +175,9 @@ def stress_table(runs: list[dict], iters: int) -> list[str]:
     return lines
 
 
-def stress_budget_table(runs: list[dict]) -> list[str]:
-    """Full ADFQ on the stress variants at every budget run, beside no reconstruction, and the checks."""
+def stress_budget_table(runs: list[dict], iters: int) -> list[str]:
+    """Full ADFQ on the stress variants at every budget run, beside no reconstruction, and issue 10 §3's checks
+    (``iters``: the default run's budget)."""
     variants = stress_variants(runs)
     budgets = sorted({r["iters"] for v in variants for r in select(runs, model=v, preset="adfq", tag="")})
     if len(budgets) < 2:
@@ -188,7 +189,8 @@ def stress_budget_table(runs: list[dict]) -> list[str]:
             lines.append(f"| {v} | W{b}A{b} | {cell(top1s(runs, model=v, preset='adfq_init', tag='', w_bits=b))} | "
                          + " | ".join(cell(top1s(runs, model=v, preset="adfq", tag="", iters=it, w_bits=b))
                                       for it in budgets) + " |")
-    checks = [line for v in variants for line in reconstruction_checks(runs, v, prefix=f"{v}, ")]
+    checks = [line for v in variants for line in reconstruction_checks(runs, v, prefix=f"{v}, ")
+              + budget_targets(runs, v, iters, prefix=f"{v}, ")]
     return lines + ["", "Targets (issue 10 §3 on the stress variants; means over seeds):", ""] + checks
 
 
@@ -306,7 +308,7 @@ def render(data: dict, iters: int) -> str:
         if checks:
             lines += ["Targets (issue 9 §4, issue 10 §3-4; means over seeds):", ""] + checks + [""]
     for title, body in (("Stress variants (ImageNet-like outlier channels, same function)", stress_table(runs, iters)),
-                        ("Stress variants: full ADFQ by budget", stress_budget_table(runs)),
+                        ("Stress variants: full ADFQ by budget", stress_budget_table(runs, iters)),
                         (f"Ablation (full ADFQ, {iters} it/module, one component off; Δ vs full)",
                          ablation_table(runs, iters)),
                         ("Convergence of reconstruction", convergence_table(runs)),

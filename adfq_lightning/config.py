@@ -86,6 +86,9 @@ class ADFQConfig:
             cache feeding a GPU is pinned and copied asynchronously.
         cache_dtype: storage dtype of the cache: ``float16``/``bfloat16`` halve its memory; every computation
             (forward, losses, gradients) stays float32, where the reconstruction loss needs the precision.
+        cuda_graphs: on one CUDA device (not under DDP), replay each module's reconstruction forward and
+            backward from a CUDA graph instead of launching its several hundred small kernels one by one every
+            iteration. No effect on a CPU.
         seed: seeds every random choice of reconstruction.
     """
 
@@ -125,6 +128,7 @@ class ADFQConfig:
     safeguard: bool = True
     cache_device: Optional[str] = None
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    cuda_graphs: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

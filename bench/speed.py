@@ -13,6 +13,7 @@ activation-cache size; and for the run: peak memory. It then projects the paper'
 
     python bench/speed.py                                  # CPU, small budget (minutes on 2 cores)
     python bench/speed.py --device cuda --num-calib 64 --batch-size 32 --iters 20
+    python bench/speed.py --device cuda --num-calib 64 --batch-size 32 --iters 20 --no-cuda-graphs
     python bench/speed.py --report-only
 
 Writes ``bench/results/speed.json`` (one entry per model and device, resumable) and ``speed.md``.
@@ -61,7 +62,8 @@ def measure(spec: dict) -> dict:
         model = create_model(spec["model"]).to(device)
     images = torch.randn(spec["num_calib"], 3, 224, 224, generator=torch.Generator().manual_seed(0))
     config = ADFQConfig(w_bits=4, a_bits=4, iters=spec["iters"], batch_size=spec["batch_size"],
-                        init_samples=min(256, spec["num_calib"]), cache_device=spec["cache_device"])
+                        init_samples=min(256, spec["num_calib"]), cache_device=spec["cache_device"],
+                        cuda_graphs=spec["cuda_graphs"])
 
     def sync():
         if device.type == "cuda":
@@ -130,20 +132,23 @@ def render(data: dict) -> str:
               "largest activation cache of one module (measured, and scaled to 1,024 images), peak memory, and the "
               "projected time of the paper's budget (1,024 images, 3,000 iterations per module, batch 32). The "
               "projection scales the measured per-iteration time linearly to batch 32 and the per-module "
-              "preparation linearly to 1,024 images: an estimate, not a run.", ""]
+              "preparation linearly to 1,024 images: an estimate, not a run. *run* is the measured wall time of the whole "
+              "calibration at the table's images, batch and iterations (the paper's budget where they are "
+              "1,024 / 32 / 3,000).", ""]
     lines += ["| model | device | images / batch / iters | s/iter attention | s/iter MLP | s/iter other | weight search s | "
-              "max cache MB (measured / at 1,024) | peak memory MB | projected paper budget |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "max cache MB (measured / at 1,024) | peak memory MB | projected paper budget | run |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["runs"]:
         p = projection(r)
         k = p["per_kind_iter_s"]
         fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
         peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb")
         label = "GPU " + r["gpu"] if r.get("gpu") else "CPU"
-        lines.append(f"| {r['model']} | {label} ({r['threads']} threads) | {r['num_calib']} / {r['batch_size']} / "
+        graphs = ", CUDA graphs" if r.get("gpu") and r.get("cuda_graphs") else ""
+        lines.append(f"| {r['model']} | {label} ({r['threads']} threads{graphs}) | {r['num_calib']} / {r['batch_size']} / "
                      f"{r['iters']} | {fmt(k['attention'])} | {fmt(k['mlp'])} | {fmt(k['other'])} | "
                      f"{r['weight_search_s']:.1f} | {max(x['cache_mb'] for x in r['modules']):.0f} / "
-                     f"{p['max_cache_mb_1024']:.0f} | {peak:.0f} | {p['hours']:.1f} h |")
+                     f"{p['max_cache_mb_1024']:.0f} | {peak:.0f} | {p['hours']:.2f} h | {r['total_s'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="launch every kernel of an iteration eagerly on a GPU (ADFQConfig.cuda_graphs=False)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -174,7 +181,7 @@ def main(argv=None) -> int:
         for model in args.models:
             spec = {"model": model, "device": args.device, "cache_device": args.cache_device,
                     "num_calib": args.num_calib, "batch_size": args.batch_size, "iters": args.iters,
-                    "threads": args.threads}
+                    "threads": args.threads, "cuda_graphs": args.cuda_graphs}
             if any(all(r.get(k) == v for k, v in spec.items()) for r in data["runs"]):
                 continue
             print(f"{model} on {args.device} ...", flush=True)

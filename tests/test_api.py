@@ -636,6 +636,37 @@ def test_harden_at_fixes_rounding_then_learns_steps_only(tiny_vit, more_images):
         ADFQConfig(harden_at=0.0)
 
 
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_graph_path_captures_once_per_phase_and_matches_eager(make_tiny, more_images, monkeypatch, arch):
+    """The CUDA-graph path on a CPU, with a capture that keeps the module eager: the engine captures each stage
+    at its first soft and first hard iteration, with the iteration's batch shape, and the graph's call
+    (keyword arguments fixed, attention scores returned for the KL term) gives exactly the eager result."""
+    from adfq_lightning.reconstruction import cuda_graph, engine
+
+    captures = []
+
+    def eager_capture(module, sample_args, allow_unused_input):
+        target = module.target
+        captures.append((target, [q.soft for q in target.modules() if isinstance(q, AdaRoundQuantizer)],
+                         sample_args[0].shape, all(p.grad is not None for p in target.parameters() if p.requires_grad)))
+        return module
+
+    monkeypatch.setattr(engine, "graph_target", lambda *args: cuda_graph.graph_target(*args, capture=eager_capture))
+    config = ASMO.replace(iters=6, batch_size=4, harden_at=0.5)
+    eager = reconstruct(make_tiny(arch), more_images[:8], config)
+    model = prepare(make_tiny(arch), config)
+    graphed = Reconstructor(model, config, more_images[:8], torch.arange(8), 8)
+    graphed._use_graphs = True  # what a CUDA device sets
+    graphed.run()
+    assert [c[0] for c in captures] == [s.module for s in graphed.stages for _ in range(2)]
+    assert all(soft == [True] * len(soft) for _, soft, _, _ in captures[::2])
+    assert all(soft == [False] * len(soft) for _, soft, _, _ in captures[1::2])
+    assert all(shape[0] % config.batch_size == 0 for _, _, shape, _ in captures)
+    assert all(allocated for *_, allocated in captures)  # gradients are accumulated into, never aliased
+    for a, b in zip(eager.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_half_precision_cache_halves_the_cache(make_tiny, more_images):
     # the reference's small rounding rate: two iterations at the budget-scaled 0.1 amplify the cache's rounding
     config = ASMO.replace(iters=2, rounding_lr=3e-3)

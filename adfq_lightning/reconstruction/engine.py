@@ -8,6 +8,9 @@ the global batch mean, so summing gradients over ranks reproduces the single-pro
 A fraction of the calibration images (``config.holdout``) never enters an update: each module's output
 error is measured on them before and after its reconstruction, and with ``config.safeguard`` a module
 whose held-out error got worse is put back to its pre-reconstruction state.
+
+On one CUDA device (``config.cuda_graphs``) each iteration replays the target's forward and backward as
+CUDA graphs (:mod:`.cuda_graph`) instead of launching their kernels one by one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..distributed import all_gather_cat, all_reduce_sum, world
 from ..modules import AttentionScores, recording_scores
 from ..quantizers import AdaRoundQuantizer, BestOfQuantizer, PerPatchOutlierQuantizer, Quantizer, calibrating, \
     outermost_quantizers
+from .cuda_graph import TargetCall, graph_target
 from .losses import attention_kl, attention_kl_heads, cosine_lr, output_loss, rounding_beta
 from .units import build_units, run_until
 
@@ -158,6 +162,10 @@ class Reconstructor:
         self._stage_ready = False
         self._stage_started = 0.0
         self._initial_state: dict[str, torch.Tensor] = {}  # the current stage's quantizers before reconstruction
+        # under DDP a rank's share of the batch varies per iteration; a graph replays fixed shapes
+        self._use_graphs = config.cuda_graphs and self.device.type == "cuda" and world()[1] == 1
+        self._graph: Optional[TargetCall] = None
+        self._graph_phase: Optional[tuple[int, bool]] = None
 
     # -- state ------------------------------------------------------------------------------------------------
     @property
@@ -224,11 +232,16 @@ class Reconstructor:
             inputs.append(_per_sample(args[0], b.shape[0]))
         return self._store(torch.cat(inputs)), kwargs
 
-    def _forward(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Target output (and attention scores) for per-sample inputs ``x`` of shape (n, k, ...)."""
-        n = x.shape[0]
-        out = module(self._load(x.flatten(0, 1)), **self._kwargs)
-        scores = module.scores if isinstance(module, AttentionScores) else None
+    def _forward(self, module: nn.Module, x: torch.Tensor,
+                 graph: Optional[TargetCall] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Target output (and attention scores) for per-sample inputs ``x`` of shape (n, k, ...), run eagerly or
+        replayed from the stage's ``graph``."""
+        n, flat = x.shape[0], self._load(x.flatten(0, 1))
+        if graph is not None:
+            out, scores = graph(flat)
+        else:
+            out = module(flat, **self._kwargs)
+            scores = module.scores if isinstance(module, AttentionScores) else None
         return _per_sample(out, n), (None if scores is None else _per_sample(scores, n))
 
     # -- cache ------------------------------------------------------------------------------------------------
@@ -250,6 +263,7 @@ class Reconstructor:
         stage, cfg = self.current, self.config
         self._stage_started = time.perf_counter()
         self._advance_cache_to(stage.unit)
+        self._graph, self._graph_phase = None, None
         module = stage.module
         self._enable_finished(self.stage)
         self.t_q, self._kwargs = self._capture(stage.unit, module, self.x_q)
@@ -359,7 +373,7 @@ class Reconstructor:
             # Under DDP a rank may hold none of this iteration's global batch: it adds nothing to rec/kl (and an
             # empty forward would fail), but still takes part in the gradient all-reduce below.
             if len(rows):
-                out, scores = self._forward(module, x)
+                out, scores = self._forward(module, x, self._stage_graph(x))
                 rec = output_loss(out, self._load(self.out_fp[rows]), cfg.rec_p, self.per_sample_norm,
                                   cfg.batch_size)
                 if cfg.attn_kl and scores is not None and self.scores_fp is not None:
@@ -382,6 +396,21 @@ class Reconstructor:
         # tensors, not floats: reading them would wait for the device every iteration
         return {"loss": terms[0] + terms[1] / cfg.kl_lambda + terms[2], "rec": terms[0], "kl": terms[1],
                 "round": terms[2], "beta": torch.tensor(beta)}
+
+    def _stage_graph(self, x: torch.Tensor) -> Optional[TargetCall]:
+        """The current stage's CUDA graph for batches like ``x`` (None: run eagerly), captured at the first
+        iteration of each phase of the stage (soft rounding, then hard after :meth:`_harden`)."""
+        phase = (self.stage, self.iteration >= self.harden_iteration)
+        if self._use_graphs and self._graph_phase != phase:
+            self._graph, self._graph_phase = None, None  # free the previous phase's graph memory first
+            try:
+                self._graph = graph_target(self.current.module, self._kwargs, self._load(x.flatten(0, 1)))
+            except RuntimeError as error:  # an operation that cannot be captured: stay correct, only slower
+                warnings.warn(f"CUDA graph capture of {self.current.name} failed ({error}); reconstruction goes on "
+                              "without graphs. Set cuda_graphs=False to skip the attempt.", stacklevel=2)
+                self._use_graphs = False
+            self._graph_phase = phase
+        return self._graph
 
     def _sync_gradients(self) -> None:
         """Sum the current stage's gradients over ranks (one collective for all of them)."""
@@ -420,6 +449,7 @@ class Reconstructor:
         stage.stats["iters"] = self.iteration
         stage.stats["seconds"] = stage.stats.get("seconds", 0.0) + time.perf_counter() - self._stage_started
         del self.t_q, self.t_fp, self.out_fp, self.scores_fp
+        self._graph, self._graph_phase = None, None
         self.stage, self.iteration, self._stage_ready = self.stage + 1, 0, False
         if self.done:
             set_quantization(self.model, True)

@@ -667,6 +667,28 @@ def test_graph_path_captures_once_per_phase_and_matches_eager(make_tiny, more_im
         assert torch.equal(a, b)
 
 
+def test_graph_capture_failure_warns_and_goes_on_eagerly(make_tiny, more_images, monkeypatch):
+    from adfq_lightning.reconstruction import engine
+
+    attempts = []
+
+    def failing_capture(*args):
+        attempts.append(args[0])
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine, "graph_target", failing_capture)
+    config = ASMO.replace(iters=3, batch_size=4)
+    eager = reconstruct(make_tiny("vit"), more_images[:8], config)
+    model = prepare(make_tiny("vit"), config)
+    rec = Reconstructor(model, config, more_images[:8], torch.arange(8), 8)
+    rec._use_graphs = True  # what a CUDA device sets
+    with pytest.warns(UserWarning, match="CUDA graph capture of patch_embed.proj failed .*cuda_graphs=False"):
+        rec.run()
+    assert len(attempts) == 1  # not tried again for every module
+    for a, b in zip(eager.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_half_precision_cache_halves_the_cache(make_tiny, more_images):
     # the reference's small rounding rate: two iterations at the budget-scaled 0.1 amplify the cache's rounding
     config = ASMO.replace(iters=2, rounding_lr=3e-3)

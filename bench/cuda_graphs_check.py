@@ -51,12 +51,13 @@ def compare(model_name: str, calib: torch.Tensor, val: torch.Tensor, labels: tor
     pairs = [(eager["state"][k], v) for k, v in graphed["state"].items() if v.is_floating_point()]
     identical = sum(bool(torch.equal(a, b)) for a, b in pairs)
     labels = labels.cuda()
+    same = eager["logits"].argmax(1) == graphed["logits"].argmax(1)
     top1 = {name: float(multiclass_accuracy(r["logits"], labels, num_classes=10, average="micro")) * 100
             for name, r in (("eager", eager), ("graphed", graphed))}
     return {"model": model_name, "tensors": len(pairs), "bit_identical": identical,
             "max_abs_diff": max(float((a - b).abs().max()) for a, b in pairs),
             "logits_max_abs_diff": float((eager["logits"] - graphed["logits"]).abs().max()),
-            "prediction_agreement": float((eager["logits"].argmax(1) == graphed["logits"].argmax(1)).float().mean()) * 100,
+            "prediction_agreement": float(same.float().mean()) * 100,
             "top1_eager": top1["eager"], "top1_graphed": top1["graphed"],
             "seconds_eager": eager["seconds"], "seconds_graphed": graphed["seconds"]}
 
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
     bundle = load_bundle()
     transform = cifar10_eval_transform()
     calib, val = transform(bundle["calib_images"][: args.num_calib]), transform(bundle["val_images"][: args.num_val])
-    data = {"command": shlex.join(["python", "bench/cuda_graphs_check.py", *(argv if argv is not None else sys.argv[1:])]),
+    command = ["python", "bench/cuda_graphs_check.py", *(argv if argv is not None else sys.argv[1:])]
+    data = {"command": shlex.join(command),
             "machine": machine_info("cuda"), "bits": args.bits, "num_calib": args.num_calib, "num_val": args.num_val,
             "iters": args.iters, "batch_size": args.batch_size, "runs": []}
     for name in args.models:

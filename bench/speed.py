@@ -132,8 +132,8 @@ def render(data: dict) -> str:
               "largest activation cache of one module (measured, and scaled to 1,024 images), peak memory, and the "
               "projected time of the paper's budget (1,024 images, 3,000 iterations per module, batch 32). The "
               "projection scales the measured per-iteration time linearly to batch 32 and the per-module "
-              "preparation linearly to 1,024 images: an estimate, not a run. *run* is the measured wall time of the whole "
-              "calibration at the table's images, batch and iterations (the paper's budget where they are "
+              "preparation linearly to 1,024 images: an estimate, not a run. *run* is the measured wall time of the "
+              "whole calibration at the table's images, batch and iterations (the paper's budget where they are "
               "1,024 / 32 / 3,000).", ""]
     lines += ["| model | device | images / batch / iters | s/iter attention | s/iter MLP | s/iter other | weight search s | "
               "max cache MB (measured / at 1,024) | peak memory MB | projected paper budget | run |",
@@ -145,8 +145,8 @@ def render(data: dict) -> str:
         peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb")
         label = "GPU " + r["gpu"] if r.get("gpu") else "CPU"
         graphs = ", CUDA graphs" if r.get("gpu") and r.get("cuda_graphs") else ""
-        lines.append(f"| {r['model']} | {label} ({r['threads']} threads{graphs}) | {r['num_calib']} / {r['batch_size']} / "
-                     f"{r['iters']} | {fmt(k['attention'])} | {fmt(k['mlp'])} | {fmt(k['other'])} | "
+        lines.append(f"| {r['model']} | {label} ({r['threads']} threads{graphs}) | {r['num_calib']} / "
+                     f"{r['batch_size']} / {r['iters']} | {fmt(k['attention'])} | {fmt(k['mlp'])} | {fmt(k['other'])} | "
                      f"{r['weight_search_s']:.1f} | {max(x['cache_mb'] for x in r['modules']):.0f} / "
                      f"{p['max_cache_mb_1024']:.0f} | {peak:.0f} | {p['hours']:.2f} h | {r['total_s'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"

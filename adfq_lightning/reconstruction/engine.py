@@ -186,6 +186,7 @@ class Reconstructor:
             s.stats = dict(stats)
         self._initial_state = {k: v.to(self.device) for k, v in state.get("initial_state", {}).items()}
         self._cached_unit, self._stage_ready = -1, False
+        self._graph, self._graph_phase = None, None  # captured for the state replaced here
         if self.done:  # resumed from the last checkpoint of a finished run: leave the model as finish_stage does
             set_quantization(self.model, True)
             for p, flag in self._requires_grad:
@@ -263,7 +264,6 @@ class Reconstructor:
         stage, cfg = self.current, self.config
         self._stage_started = time.perf_counter()
         self._advance_cache_to(stage.unit)
-        self._graph, self._graph_phase = None, None
         module = stage.module
         self._enable_finished(self.stage)
         self.t_q, self._kwargs = self._capture(stage.unit, module, self.x_q)

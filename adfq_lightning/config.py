@@ -50,6 +50,9 @@ class ADFQConfig:
         act_family: ``auto``: each of those log quantizers takes a uniform grid instead when that has the lower
             calibration error (it does at 6-8 bits, where the log grid's constant relative step is coarse);
             ``log``: always the log grids.
+        qkv_error_p: exponent of the error the clipping search of the q, k and v grids minimises. The reference
+            code's 2.4 keeps more of their range than the squared error (2.0) does, which clips the few large
+            keys that decide where a query attends (``bench/results/quantizer_split_deit_cifar_w6.md``).
         percentile: clipping percentile of the ``percentile`` baseline.
         overrides: ``{fnmatch pattern on the module name: {"w_bits": .., "a_bits": ..}}``; the last match wins.
         init_samples: calibration images used to initialise activation quantizers.
@@ -102,6 +105,7 @@ class ADFQConfig:
     slq_base: Literal["sqrt2", "2"] = "sqrt2"
     log_softmax: bool = True
     act_family: Literal["auto", "log"] = "auto"
+    qkv_error_p: float = 2.4
     percentile: float = 0.9999
     overrides: dict[str, dict[str, int]] = field(default_factory=_default_overrides)
     init_samples: int = 256
@@ -140,6 +144,9 @@ class ADFQConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive number (the reference uses 5 or 10).")
+        if not isinstance(self.qkv_error_p, (int, float)) or not 1.0 <= self.qkv_error_p <= 8.0:
+            raise ValueError(f"qkv_error_p={self.qkv_error_p!r} must be a number from 1 to 8 (2.4 as the reference, "
+                             "2.0 for the mean squared error).")
         for pattern, bits in self.overrides.items():
             unknown = set(bits) - {"w_bits", "a_bits"}
             if unknown:
@@ -239,6 +246,7 @@ class ADFQConfig:
         elif role == "attn_probs" and self.log_softmax:
             q = self._log_family(LogSqrt2Quantizer(bits, grad=grad))
         else:
-            q = UniformQuantizer(bits, search="mse", grad=grad)
+            p = self.qkv_error_p if role in ("q", "k", "v") else 2.0
+            q = UniformQuantizer(bits, search="mse", p=p, grad=grad)
         q.name, q.role = f"{module_name}.{role}", role
         return q

@@ -14,6 +14,12 @@ from adfq_lightning.io import atomic_write
 
 LABELS = {"fp": "FP32", "minmax": "MinMax (per-tensor)", "percentile": "Percentile (per-tensor)",
           "adfq_init": "ADFQ, no reconstruction"}
+#: The no-reconstruction runs of the reference models made before the q/k/v grids moved from the squared error to
+#: L2.4 (2026-11-27). Every run with reconstruction in the file was made before that change too, so its gain over
+#: no reconstruction is measured against these; the untagged rows are the current method, re-run after it.
+EARLIER_INIT_TAG = "before_qkv_l2.4"
+#: the methods without reconstruction, measured at every width
+BITS_PRESETS = ("minmax", "percentile", "adfq_init")
 ABLATION_LABELS = {"no_ppoq": "w/o PPOQ", "no_slq": "w/o SLQ", "no_log_softmax": "w/o log-√2 softmax",
                    "no_attn_kl": "w/o attention KL", "no_qdrop": "w/o QDrop"}
 
@@ -49,7 +55,10 @@ def accuracy_runs(data: dict) -> list[dict]:
 
 
 def method_rows(runs: list[dict], model: str, iters: int) -> list[tuple[str, dict]]:
-    rows = [(LABELS[m], dict(model=model, preset=m, tag="")) for m in ("minmax", "percentile", "adfq_init")]
+    rows = [(LABELS[m], dict(model=model, preset=m, tag="")) for m in BITS_PRESETS]
+    if start_tag(runs, model):
+        rows.append((f"{LABELS['adfq_init']}, squared-error q/k/v grid, earlier session (what the reconstruction "
+                     "rows start from)", dict(model=model, preset="adfq_init", tag=EARLIER_INIT_TAG)))
     for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag="")}):
         label = f"ADFQ, {budget} it/module" + (" (default run's budget)" if budget == iters else "")
         rows.append((label, dict(model=model, preset="adfq", tag="", iters=budget)))
@@ -76,6 +85,12 @@ def mean_of(runs, **fields) -> Optional[float]:
 def std_of(runs, **fields) -> float:
     s = stats(top1s(runs, **fields))
     return 0.0 if s is None else s[1]
+
+
+def start_tag(runs: list[dict], model: str) -> str:
+    """The tag of the no-reconstruction runs that ``model``'s reconstruction runs start from (see
+    ``EARLIER_INIT_TAG``)."""
+    return EARLIER_INIT_TAG if select(runs, model=model, preset="adfq_init", tag=EARLIER_INIT_TAG) else ""
 
 
 def verdict(text: str, ok: bool) -> str:
@@ -105,20 +120,22 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
         if best is not None:
             spread = max(std_of(runs, model=model, preset="adfq_init", tag="", w_bits=b),
                          std_of(runs, model=model, preset=best[1], w_bits=b))
+            kl = [fidelity_cell(select(runs, model=model, preset=m, tag="", w_bits=b)) for m in ("adfq_init", best[1])]
             out.append(verdict(f"W{b}A{b}: ADFQ without reconstruction {init - best[0]:+.2f} vs the better baseline "
-                               f"({LABELS[best[1]]}; larger std {spread:.2f}; target ≥ 0)", init >= best[0]))
+                               f"({LABELS[best[1]]}; larger std {spread:.2f}; target ≥ 0); same prediction as FP32 · "
+                               f"KL to FP32 {kl[0]} vs {kl[1]}", init >= best[0]))
     return out + reconstruction_checks(runs, model) + budget_targets(runs, model, iters)
 
 
 def reconstruction_checks(runs: list[dict], model: str, prefix: str = "") -> list[str]:
     """Issue 10 §3 at W3A3 and W4A4: full ADFQ never below no reconstruction by more than one std, per budget."""
-    out = []
+    out, start = [], start_tag(runs, model)
     for b in (3, 4):
-        init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
+        init = mean_of(runs, model=model, preset="adfq_init", tag=start, w_bits=b)
         for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag="", w_bits=b)}):
             full = mean_of(runs, model=model, preset="adfq", tag="", iters=budget, w_bits=b)
             spread = max(std_of(runs, model=model, preset="adfq", tag="", iters=budget, w_bits=b),
-                         std_of(runs, model=model, preset="adfq_init", tag="", w_bits=b))
+                         std_of(runs, model=model, preset="adfq_init", tag=start, w_bits=b))
             if init is not None and full is not None:
                 out.append(verdict(f"{prefix}W{b}A{b}, {budget} it: reconstruction {full - init:+.2f} over none (never below "
                                    f"by more than one std, {spread:.2f})", full >= init - spread))
@@ -129,7 +146,7 @@ def budget_targets(runs: list[dict], model: str, iters: int, prefix: str = "") -
     """Issue 10 §3 at W3A3: the gain at 1,000 iterations, and the share of the 3,000-iteration gain (and of its
     calibration time) that the default budget reaches."""
     fields = dict(model=model, preset="adfq", tag="", w_bits=3)
-    init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=3)
+    init = mean_of(runs, model=model, preset="adfq_init", tag=start_tag(runs, model), w_bits=3)
     if init is None:
         return []
     at = {it: mean_of(runs, iters=it, **fields) for it in (iters, 1000, 3000)}
@@ -237,17 +254,46 @@ def convergence_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def fidelity_cell(runs: list[dict]) -> str:
+    """Mean agreement with FP32's predictions and mean KL(FP32 || quantized) of the runs that measured them."""
+    runs = [r for r in runs if "fp_agreement" in r]
+    if not runs:
+        return "–"
+    return (f"{statistics.mean(r['fp_agreement'] for r in runs):.2f} % · "
+            f"{statistics.mean(r['kl_to_fp'] for r in runs):.4f}")
+
+
 def fidelity_table(runs: list[dict]) -> list[str]:
-    """Distance to the float model for the runs that measured it: finer than Top-1 where every method ties."""
-    measured = [r for r in runs if "fp_agreement" in r and r["tag"] == ""]
-    lines = ["| model | bits | method | Top-1 | same prediction as FP32 (%) | KL(FP32 ‖ quantized), nats |",
-             "|---|---|---|---:|---:|---:|"]
-    for model, b, preset, it in sorted({(r["model"], r["w_bits"], r["preset"], r["iters"]) for r in measured}):
-        sel = select(measured, model=model, w_bits=b, preset=preset, iters=it)
-        lines.append(f"| {model} | W{b}A{b} | {LABELS.get(preset, f'ADFQ, {it} it/module')} | "
-                     f"{cell([r['top1'] for r in sel])} | {cell([r['fp_agreement'] for r in sel])} | "
-                     f"{cell([r['kl_to_fp'] for r in sel], '.4f')} |")
+    """Distance to the float model, finer than Top-1 where every method ties: per reference model and method
+    without reconstruction (the runs every seed of which measured it), across bits."""
+    measured = [r for r in runs if "fp_agreement" in r and r["tag"] == "" and r["preset"] in BITS_PRESETS
+                and not r["model"].endswith("_outliers")]
+    bits = sorted({r["w_bits"] for r in measured})
+    lines = ["| model | method | " + " | ".join(f"W{b}A{b}" for b in bits) + " |", "|---|---|" + "---:|" * len(bits)]
+    for model in sorted({r["model"] for r in measured}):
+        for preset in BITS_PRESETS:
+            sel = select(measured, model=model, preset=preset)
+            lines.append(f"| {model} | {LABELS[preset]} | " + " | ".join(fidelity_cell(select(sel, w_bits=b)) for b in bits)
+                         + " |")
     return lines if measured else []
+
+
+def qkv_grid_table(runs: list[dict]) -> list[str]:
+    """ADFQ without reconstruction with the q/k/v grids searched by the reference's L2.4 error (the default)
+    and by the squared error: Top-1 and KL to FP32 at every width measured both ways."""
+    l2 = [r for r in runs if r["tag"] == "qkv_l2" and r["preset"] == "adfq_init"]
+    lines = ["| model | bits | Top-1, L2.4 (default) | Top-1, L2 | Δ Top-1 | KL to FP32, L2.4 | KL to FP32, L2 |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for model, b in sorted({(r["model"], r["w_bits"]) for r in l2}):
+        default = select(runs, model=model, preset="adfq_init", tag="", w_bits=b)
+        old = select(l2, model=model, w_bits=b)
+        if not default:
+            continue
+        delta = stats([r["top1"] for r in default])[0] - stats([r["top1"] for r in old])[0]
+        kl = [cell([r["kl_to_fp"] for r in sel if "kl_to_fp" in r], ".4f") for sel in (default, old)]
+        lines.append(f"| {model} | W{b}A{b} | {cell([r['top1'] for r in default])} | {cell([r['top1'] for r in old])} "
+                     f"| {delta:+.2f} | {kl[0]} | {kl[1]} |")
+    return lines if len(lines) > 2 else []
 
 
 def cost_table(data: dict) -> list[str]:
@@ -299,6 +345,7 @@ def render(data: dict, iters: int) -> str:
     if repeats:
         lines += [f"{repeats} runs repeat a cell and seed already run on another device; only the first recorded "
                   "counts.", ""]
+    lines += [f"Note: {note}" for note in data["meta"].get("notes", [])] + ([""] if data["meta"].get("notes") else [])
     lines += [f"{platforms(data)} Top-1 % on the 5,000 validation images, mean ± std over calibration seeds (each seed: another 1,024 "
               "calibration images from the training split, and another reconstruction seed). A difference smaller "
               "than the spread is noise. Patch embedding and classifier stay at 8 bits.", ""]
@@ -312,7 +359,10 @@ def render(data: dict, iters: int) -> str:
                         (f"Ablation (full ADFQ, {iters} it/module, one component off; Δ vs full)",
                          ablation_table(runs, iters)),
                         ("Convergence of reconstruction", convergence_table(runs)),
-                        ("Distance to the float model", fidelity_table(runs)),
+                        ("Distance to the float model (same prediction as FP32 · KL(FP32 ‖ quantized) in nats, "
+                         "means over seeds)", fidelity_table(runs)),
+                        ("q/k/v grid: the reference's L2.4 search error against the squared error (no "
+                         "reconstruction)", qkv_grid_table(runs)),
                         ("Calibration wall time and peak memory at W4A4 (accuracy runs: 1 thread, two runs sharing "
                          "the 2 cores)", cost_table(data)),
                         ("Calibration wall time and peak memory (one run each, alone on the machine)",

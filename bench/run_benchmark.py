@@ -47,7 +47,9 @@ ABLATIONS = {
     "no_attn_kl": {"attn_kl": False},
     "no_qdrop": {"qdrop_prob": 1.0},
 }
-GROUPS = ("bits", "adfq", "stress", "ablation", "budget", "stress_budget", "timing")
+#: the q/k/v grids searched with the squared error instead of the reference's L2.4 (no reconstruction, every width)
+QKV_L2 = {"qkv_error_p": 2.0}
+GROUPS = ("bits", "qkv_grid", "adfq", "stress", "ablation", "budget", "stress_budget", "timing")
 #: budgets of the ``budget`` group run at every seed; the others (3,000) at the first seed only
 EVERY_SEED_BUDGETS = (100, 1000)
 
@@ -65,6 +67,8 @@ def plan(args) -> list[dict]:
     groups = {
         "bits": lambda: [baseline(m, "fp") for m in models]
         + [baseline(m, method, b, s) for m in models for b in args.bits for method in BASELINES for s in seeds],
+        "qkv_grid": lambda: [baseline(m, "adfq_init", b, s, changes=QKV_L2, tag="qkv_l2")
+                             for s in seeds for m in models for b in args.bits],  # seed by seed: each one whole
         "adfq": lambda: [adfq(m, b, s) for m in models for b in (3, 4, 6) for s in seeds],
         # the quick runs (no reconstruction) first
         "stress": lambda: [baseline(v, "fp") for v in variants]

@@ -206,6 +206,54 @@ def test_family_choices_are_reported_per_module(tiny_vit, more_images):
     assert set(families.values()) <= {"log", "uniform"}
 
 
+@pytest.fixture(scope="module")
+def queries_and_keys():
+    """Real (scaled) queries and keys of every attention of the shipped DeiT, on 32 calibration images."""
+    from adfq_lightning.data import cifar10_eval_transform, load_bundle
+    from adfq_lightning.zoo import create_reference_model
+
+    model = create_reference_model("deit_cifar", pretrained=True)
+    images = cifar10_eval_transform()(load_bundle()["calib_images"][:32])
+    seen = []
+
+    def record(attn, args, out):
+        x = args[0]
+        q, k, _ = attn.qkv(x).reshape(*x.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        seen.append((q * attn.scale, k))
+
+    for block in model.blocks:
+        block.attn.register_forward_hook(record)
+    with torch.no_grad():
+        model(images)
+    return seen
+
+
+def test_qkv_grids_search_the_reference_error(tiny_vit):
+    roles = {"q": 2.4, "k": 2.4, "v": 2.4, "proj_input": 2.0}
+    for p, config in ((2.4, FAST), (2.0, FAST.replace(qkv_error_p=2.0))):
+        prepare(model := copy.deepcopy(tiny_vit), config)
+        found = {q.role: q.p for q in model.modules() if isinstance(q, UniformQuantizer) and q.role in roles}
+        assert found == {role: (p if role != "proj_input" else 2.0) for role in roles}
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_keys_searched_with_l2_4_keep_their_range_and_the_attention(queries_and_keys, bits):
+    """The squared error clips the few large keys that decide where a query attends; the reference's L2.4 keeps
+    a range at least as wide in every block and, over the blocks, attention probabilities closer to FP."""
+    errors = {}
+    for p in (2.0, 2.4):
+        total = 0.0
+        for q, k in queries_and_keys:
+            quantizer = UniformQuantizer(bits, p=p)
+            quantizer.calibrate(k)
+            errors.setdefault(("scale", p), []).append(float(quantizer.scale))
+            fp, quantized = (q @ k.transpose(-2, -1)).softmax(-1), (q @ quantizer(k).transpose(-2, -1)).softmax(-1)
+            total += float((quantized - fp).abs().sum(-1).mean())
+        errors[p] = total
+    assert all(wide >= narrow for wide, narrow in zip(errors[("scale", 2.4)], errors[("scale", 2.0)]))
+    assert errors[2.4] < 0.97 * errors[2.0]
+
+
 # -- bad inputs -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [
     lambda: nn.Sequential(nn.ReLU()),
@@ -247,6 +295,8 @@ def test_config_rejects_bits_outside_range(field, bits):
     ({"warmup": 1.0}, "warmup"),
     ({"kl_temperature": 0}, "kl_temperature"),
     ({"rounding_lr": -1e-3}, "rounding_lr"),
+    ({"qkv_error_p": 0.5}, "qkv_error_p=0.5 must be a number from 1 to 8"),
+    ({"qkv_error_p": float("nan")}, "qkv_error_p"),
 ])
 def test_config_rejects_bad_values(changes, match):
     with pytest.raises(ValueError, match=match):

@@ -280,13 +280,15 @@ def fidelity_table(runs: list[dict]) -> list[str]:
 
 def qkv_grid_table(runs: list[dict]) -> list[str]:
     """ADFQ without reconstruction with the q/k/v grids searched by the reference's L2.4 error (the default)
-    and by the squared error: Top-1 and KL to FP32 at every width measured both ways."""
+    and by the squared error: Top-1 and KL to FP32 at every width measured both ways, on the seeds run both ways
+    (paired: the same calibration images)."""
     l2 = [r for r in runs if r["tag"] == "qkv_l2" and r["preset"] == "adfq_init"]
     lines = ["| model | bits | Top-1, L2.4 (default) | Top-1, L2 | Δ Top-1 | KL to FP32, L2.4 | KL to FP32, L2 |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for model, b in sorted({(r["model"], r["w_bits"]) for r in l2}):
-        default = select(runs, model=model, preset="adfq_init", tag="", w_bits=b)
         old = select(l2, model=model, w_bits=b)
+        seeds = {r["seed"] for r in old}
+        default = [r for r in select(runs, model=model, preset="adfq_init", tag="", w_bits=b) if r["seed"] in seeds]
         if not default:
             continue
         delta = stats([r["top1"] for r in default])[0] - stats([r["top1"] for r in old])[0]

@@ -101,13 +101,21 @@ def machine_info(device: str = "cpu") -> dict:
 
 # -- the worker: one spec, in its own process --------------------------------------------------------------------
 
-def _calibration_and_validation(num_calib: int, num_val: int, seed: int):
+def calibration_and_validation(num_calib: int, num_val: int, seed: int):
     from adfq_lightning.data import DEFAULT_ARCHIVE, calibration_indices, decode_image_folder, split_indices
 
     data = decode_image_folder(DEFAULT_ARCHIVE)
     train_idx, val_idx = split_indices(data.labels)
     calib = calibration_indices(data.labels, num_calib, seed, candidates=train_idx) if num_calib else train_idx[:0]
     return data.images[calib], data.images[val_idx[:num_val]], data.labels[val_idx[:num_val]]
+
+
+def kl_to_fp(logits, fp_logits) -> float:
+    """KL(FP32 || quantized) of two models' logits on the same images, mean over images (nats)."""
+    import torch
+
+    return float(torch.nn.functional.kl_div(logits.log_softmax(1), fp_logits.log_softmax(1), log_target=True,
+                                            reduction="batchmean"))
 
 
 def run_one(spec: dict) -> dict:
@@ -125,7 +133,7 @@ def run_one(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    calib_u8, val_u8, val_labels = _calibration_and_validation(spec["num_calib"], spec["num_val"], spec["seed"])
+    calib_u8, val_u8, val_labels = calibration_and_validation(spec["num_calib"], spec["num_val"], spec["seed"])
     model = create_reference_model(spec["model"], pretrained=True).to(device)
     transform = cifar10_eval_transform(timm.data.resolve_data_config(model=model))
     result = dict(spec, calib_seconds=0.0, peak_mem_mb=0.0)
@@ -160,8 +168,7 @@ def run_one(spec: dict) -> dict:
     top5 = MulticlassAccuracy(num_classes=10, top_k=5, average="micro").to(device)(logits, labels)
     if fp_logits is not None:  # how far from the float model, beyond the labels: Top-1 alone is coarse at 6-8 bits
         result["fp_agreement"] = float((logits.argmax(1) == fp_logits.argmax(1)).float().mean()) * 100
-        result["kl_to_fp"] = float(torch.nn.functional.kl_div(logits.log_softmax(1), fp_logits.log_softmax(1),
-                                                              log_target=True, reduction="batchmean"))
+        result["kl_to_fp"] = kl_to_fp(logits, fp_logits)
     result.update(top1=float(top1) * 100, top5=float(top5) * 100,
                   loadavg_end=os.getloadavg()[0], torch=torch.__version__, machine=machine_info(spec["device"]))
     return result

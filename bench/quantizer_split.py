@@ -11,7 +11,7 @@ import argparse
 import copy
 import json
 
-from harness import REPO, _calibration_and_validation
+from harness import REPO, calibration_and_validation, kl_to_fp
 
 from adfq_lightning.io import atomic_write
 
@@ -31,7 +31,7 @@ def split(model_name: str, bits: int, seed: int, num_val: int) -> dict[str, dict
     from adfq_lightning.reconstruction import Reconstructor
     from adfq_lightning.zoo import create_reference_model
 
-    calib_u8, val_u8, _ = _calibration_and_validation(1024, num_val, seed)
+    calib_u8, val_u8, _ = calibration_and_validation(1024, num_val, seed)
     float_model = create_reference_model(model_name, pretrained=True).eval()
     transform = cifar10_eval_transform(timm.data.resolve_data_config(model=float_model))
     val, images = transform(val_u8), transform(calib_u8)
@@ -40,12 +40,7 @@ def split(model_name: str, bits: int, seed: int, num_val: int) -> dict[str, dict
     def logits_of(model) -> torch.Tensor:
         return torch.cat([model(val[i : i + 500]) for i in range(0, len(val), 500)])
 
-    fp = logits_of(float_model).log_softmax(1)
-
-    def kl_to_fp(model) -> float:
-        return float(torch.nn.functional.kl_div(logits_of(model).log_softmax(1), fp, log_target=True,
-                                                reduction="batchmean"))
-
+    fp = logits_of(float_model)
     table = {}
     for label, (preset, changes) in METHODS.items():
         model = copy.deepcopy(float_model)
@@ -57,7 +52,7 @@ def split(model_name: str, bits: int, seed: int, num_val: int) -> dict[str, dict
         for kind in ["all", "weights", "activations"] + sorted({k for _, k in quantizers} - {"weights"}):
             for q, k in quantizers:
                 q.enabled = kind == "all" or k == kind or (kind == "activations" and k != "weights")
-            row[kind] = kl_to_fp(model)
+            row[kind] = kl_to_fp(logits_of(model), fp)
         table[label] = row
     return table
 

@@ -14,10 +14,13 @@ from adfq_lightning.io import atomic_write
 
 LABELS = {"fp": "FP32", "minmax": "MinMax (per-tensor)", "percentile": "Percentile (per-tensor)",
           "adfq_init": "ADFQ, no reconstruction"}
-#: The no-reconstruction runs of the reference models made before the q/k/v grids moved from the squared error to
-#: L2.4 (2026-11-27). Every run with reconstruction in the file was made before that change too, so its gain over
-#: no reconstruction is measured against these; the untagged rows are the current method, re-run after it.
-EARLIER_INIT_TAG = "before_qkv_l2.4"
+#: The reference models' ADFQ runs (no reconstruction and full) made before the q/k/v grids moved from the
+#: squared error to L2.4 (2026-11-27) carry this tag. Reconstruction gains are measured within one generation: a
+#: tag's full ADFQ against the same tag's no-reconstruction runs. The ablations were run beside these full runs;
+#: the stress variants' runs are all of that session too, untagged (none has been re-run).
+EARLIER_TAG = "before_qkv_l2.4"
+#: the generations of the reference models' ADFQ runs, newest first, and the suffix of their rows' labels
+GENERATIONS = {"": "", EARLIER_TAG: ", squared-error q/k/v grid (earlier session)"}
 #: the methods without reconstruction, measured at every width
 BITS_PRESETS = ("minmax", "percentile", "adfq_init")
 ABLATION_LABELS = {"no_ppoq": "w/o PPOQ", "no_slq": "w/o SLQ", "no_log_softmax": "w/o log-√2 softmax",
@@ -56,12 +59,12 @@ def accuracy_runs(data: dict) -> list[dict]:
 
 def method_rows(runs: list[dict], model: str, iters: int) -> list[tuple[str, dict]]:
     rows = [(LABELS[m], dict(model=model, preset=m, tag="")) for m in BITS_PRESETS]
-    if start_tag(runs, model):
-        rows.append((f"{LABELS['adfq_init']}, squared-error q/k/v grid, earlier session (what the reconstruction "
-                     "rows start from)", dict(model=model, preset="adfq_init", tag=EARLIER_INIT_TAG)))
-    for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag="")}):
-        label = f"ADFQ, {budget} it/module" + (" (default run's budget)" if budget == iters else "")
-        rows.append((label, dict(model=model, preset="adfq", tag="", iters=budget)))
+    for tag, suffix in GENERATIONS.items():
+        if tag and select(runs, model=model, preset="adfq_init", tag=tag):
+            rows.append((LABELS["adfq_init"] + suffix, dict(model=model, preset="adfq_init", tag=tag)))
+        for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag=tag)}):
+            label = f"ADFQ, {budget} it/module{suffix}" + (" (default run's budget)" if budget == iters and not tag else "")
+            rows.append((label, dict(model=model, preset="adfq", tag=tag, iters=budget)))
     return rows
 
 
@@ -87,10 +90,9 @@ def std_of(runs, **fields) -> float:
     return 0.0 if s is None else s[1]
 
 
-def start_tag(runs: list[dict], model: str) -> str:
-    """The tag of the no-reconstruction runs that ``model``'s reconstruction runs start from (see
-    ``EARLIER_INIT_TAG``)."""
-    return EARLIER_INIT_TAG if select(runs, model=model, preset="adfq_init", tag=EARLIER_INIT_TAG) else ""
+def generations(runs: list[dict], model: str, **fields) -> list[str]:
+    """The tags of ``GENERATIONS`` that have full-ADFQ runs of ``model`` (matching ``fields``), newest first."""
+    return [tag for tag in GENERATIONS if select(runs, model=model, preset="adfq", tag=tag, **fields)]
 
 
 def verdict(text: str, ok: bool) -> str:
@@ -102,17 +104,18 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
     fp = mean_of(runs, model=model, preset="fp")
     if fp is None:
         return []
-    out = []
-    w4, w3, w6 = (mean_of(runs, model=model, preset="adfq", tag="", iters=iters, w_bits=b) for b in (4, 3, 6))
+    out, tag = [], (generations(runs, model, iters=iters) or [""])[0]
+    w4, w3, w6 = (mean_of(runs, model=model, preset="adfq", tag=tag, iters=iters, w_bits=b) for b in (4, 3, 6))
     pct4 = mean_of(runs, model=model, preset="percentile", w_bits=4)
     if w4 is not None:
-        out.append(verdict(f"W4A4 loses {fp - w4:.2f} Top-1 (target ≤ 1.0)", fp - w4 <= 1.0))
+        out.append(verdict(f"W4A4{GENERATIONS[tag]} loses {fp - w4:.2f} Top-1 (target ≤ 1.0)", fp - w4 <= 1.0))
         if pct4 is not None:
-            out.append(verdict(f"W4A4 beats Percentile by {w4 - pct4:.2f} (target ≥ 1.0)", w4 - pct4 >= 1.0))
+            out.append(verdict(f"W4A4{GENERATIONS[tag]} beats Percentile by {w4 - pct4:.2f} (target ≥ 1.0)",
+                               w4 - pct4 >= 1.0))
     if w3 is not None:
-        out.append(verdict(f"W3A3 loses {fp - w3:.2f} Top-1 (target ≤ 4.0)", fp - w3 <= 4.0))
+        out.append(verdict(f"W3A3{GENERATIONS[tag]} loses {fp - w3:.2f} Top-1 (target ≤ 4.0)", fp - w3 <= 4.0))
     if w6 is not None:
-        out.append(verdict(f"W6A6 is {abs(fp - w6):.2f} from FP (target ≤ 0.3)", abs(fp - w6) <= 0.3))
+        out.append(verdict(f"W6A6{GENERATIONS[tag]} is {abs(fp - w6):.2f} from FP (target ≤ 0.3)", abs(fp - w6) <= 0.3))
     for b in sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq_init", tag="")}):
         init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
         baselines = [(mean_of(runs, model=model, preset=m, w_bits=b), m) for m in ("minmax", "percentile")]
@@ -128,39 +131,44 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
 
 
 def reconstruction_checks(runs: list[dict], model: str, prefix: str = "") -> list[str]:
-    """Issue 10 §3 at W3A3 and W4A4: full ADFQ never below no reconstruction by more than one std, per budget."""
-    out, start = [], start_tag(runs, model)
-    for b in (3, 4):
-        init = mean_of(runs, model=model, preset="adfq_init", tag=start, w_bits=b)
-        for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag="", w_bits=b)}):
-            full = mean_of(runs, model=model, preset="adfq", tag="", iters=budget, w_bits=b)
-            spread = max(std_of(runs, model=model, preset="adfq", tag="", iters=budget, w_bits=b),
-                         std_of(runs, model=model, preset="adfq_init", tag=start, w_bits=b))
-            if init is not None and full is not None:
-                out.append(verdict(f"{prefix}W{b}A{b}, {budget} it: reconstruction {full - init:+.2f} over none (never below "
-                                   f"by more than one std, {spread:.2f})", full >= init - spread))
+    """Issue 10 §3 at W3A3 and W4A4: full ADFQ never below no reconstruction by more than one std, per budget
+    and generation."""
+    out = []
+    for tag in generations(runs, model):
+        for b in (3, 4):
+            init = mean_of(runs, model=model, preset="adfq_init", tag=tag, w_bits=b)
+            for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag=tag, w_bits=b)}):
+                full = mean_of(runs, model=model, preset="adfq", tag=tag, iters=budget, w_bits=b)
+                spread = max(std_of(runs, model=model, preset="adfq", tag=tag, iters=budget, w_bits=b),
+                             std_of(runs, model=model, preset="adfq_init", tag=tag, w_bits=b))
+                if init is not None and full is not None:
+                    out.append(verdict(f"{prefix}W{b}A{b}, {budget} it{GENERATIONS[tag]}: reconstruction "
+                                       f"{full - init:+.2f} over none (never below by more than one std, {spread:.2f})",
+                                       full >= init - spread))
     return out
 
 
 def budget_targets(runs: list[dict], model: str, iters: int, prefix: str = "") -> list[str]:
     """Issue 10 §3 at W3A3: the gain at 1,000 iterations, and the share of the 3,000-iteration gain (and of its
-    calibration time) that the default budget reaches."""
-    fields = dict(model=model, preset="adfq", tag="", w_bits=3)
-    init = mean_of(runs, model=model, preset="adfq_init", tag=start_tag(runs, model), w_bits=3)
-    if init is None:
-        return []
-    at = {it: mean_of(runs, iters=it, **fields) for it in (iters, 1000, 3000)}
+    calibration time) that the default budget reaches, within each generation that ran the longer budgets."""
     out = []
-    if at[1000] is not None:
-        out.append(verdict(f"{prefix}W3A3, 1000 it: reconstruction gains {at[1000] - init:+.2f} (target ≥ 1.0)",
-                           at[1000] - init >= 1.0))
-    if at[3000] is not None and at[iters] is not None and at[3000] > init:
-        share = (at[iters] - init) / (at[3000] - init)
-        seconds = {it: statistics.mean(r["calib_seconds"] for r in select(runs, iters=it, **fields))
-                   for it in (iters, 3000)}
-        out.append(verdict(f"{prefix}W3A3: {iters} it reach {share:.0%} of the 3000-it gain (target ≥ 90 %), in "
-                           f"{seconds[iters] / seconds[3000]:.0%} of its calibration time ({seconds[iters]:.0f} s "
-                           f"vs {seconds[3000]:.0f} s)", share >= 0.9))
+    for tag in generations(runs, model, w_bits=3):
+        fields = dict(model=model, preset="adfq", tag=tag, w_bits=3)
+        init = mean_of(runs, model=model, preset="adfq_init", tag=tag, w_bits=3)
+        if init is None:
+            continue
+        at = {it: mean_of(runs, iters=it, **fields) for it in (iters, 1000, 3000)}
+        where = f"{prefix}W3A3{GENERATIONS[tag]}"
+        if at[1000] is not None:
+            out.append(verdict(f"{where}, 1000 it: reconstruction gains {at[1000] - init:+.2f} (target ≥ 1.0)",
+                               at[1000] - init >= 1.0))
+        if at[3000] is not None and at[iters] is not None and at[3000] > init:
+            share = (at[iters] - init) / (at[3000] - init)
+            seconds = {it: statistics.mean(r["calib_seconds"] for r in select(runs, iters=it, **fields))
+                       for it in (iters, 3000)}
+            out.append(verdict(f"{where}: {iters} it reach {share:.0%} of the 3000-it gain (target ≥ 90 %), in "
+                               f"{seconds[iters] / seconds[3000]:.0%} of its calibration time ({seconds[iters]:.0f} s "
+                               f"vs {seconds[3000]:.0f} s)", share >= 0.9))
     return out
 
 
@@ -218,8 +226,10 @@ def ablation_table(runs: list[dict], iters: int) -> list[str]:
     lines = ["| model | bits | full ADFQ | " + " | ".join(ABLATION_LABELS[t] for t in tags) + " |",
              "|---|---|---:|" + "---:|" * len(tags)]
     for model in sorted({r["model"] for r in runs if r["tag"] in tags and r["preset"] == "adfq"}):
+        # the ablations were run beside the oldest generation's full runs (``EARLIER_TAG``)
+        base = generations(runs, model, iters=iters)[-1]
         for b in (4, 3):
-            full = stats(top1s(runs, model=model, preset="adfq", tag="", iters=iters, w_bits=b))
+            full = stats(top1s(runs, model=model, preset="adfq", tag=base, iters=iters, w_bits=b))
             cells = []
             for t in tags:
                 off = stats(top1s(runs, model=model, preset="adfq", tag=t, iters=iters, w_bits=b))
@@ -232,7 +242,8 @@ def ablation_table(runs: list[dict], iters: int) -> list[str]:
                     continue
                 noise = abs(delta) <= max(off[1], full[1])
                 cells.append(f"{off[0]:.2f} ± {off[1]:.2f} ({delta:+.2f}{', noise' if noise else ''})")
-            lines.append(f"| {model} | W{b}A{b} | {cell(top1s(runs, model=model, preset='adfq', tag='', iters=iters, w_bits=b))} | "
+            lines.append(f"| {model}{GENERATIONS[base]} | W{b}A{b} | "
+                         f"{cell(top1s(runs, model=model, preset='adfq', tag=base, iters=iters, w_bits=b))} | "
                          + " | ".join(cells) + " |")
     return lines
 
@@ -241,15 +252,16 @@ def convergence_table(runs: list[dict]) -> list[str]:
     lines = ["| model | bits | it/module | undecided rounding at the end (mean over modules) | "
              "held-out error after / before (geometric mean) | modules reverted (all seeds) |",
              "|---|---|---:|---:|---:|---:|"]
-    keys = sorted({(r["model"], r["w_bits"], r["iters"]) for r in runs if r["preset"] == "adfq" and r["tag"] == ""})
-    for model, b, it in keys:
-        mods = [m for r in select(runs, model=model, preset="adfq", tag="", w_bits=b, iters=it)
+    keys = sorted({(r["model"], r["tag"], r["w_bits"], r["iters"]) for r in runs
+                   if r["preset"] == "adfq" and r["tag"] in GENERATIONS})
+    for model, tag, b, it in keys:
+        mods = [m for r in select(runs, model=model, preset="adfq", tag=tag, w_bits=b, iters=it)
                 for m in r.get("modules", []) if "reconstructed_error" in m]
         if not mods:
             continue
         ratio = statistics.geometric_mean([max(m["reconstructed_error"], 1e-12) / max(m["init_error"], 1e-12)
                                            for m in mods])
-        lines.append(f"| {model} | W{b}A{b} | {it} | {statistics.mean(m['undecided'] for m in mods):.2f} | "
+        lines.append(f"| {model}{GENERATIONS[tag]} | W{b}A{b} | {it} | {statistics.mean(m['undecided'] for m in mods):.2f} | "
                      f"{ratio:.2f} | {sum(bool(m['reverted']) for m in mods)} |")
     return lines
 
@@ -318,7 +330,7 @@ def timing_table(data: dict) -> list[str]:
         return []
     lines = ["| model | method | W4A4 Top-1 | calibration wall time | peak memory rise |", "|---|---|---:|---:|---:|"]
     for r in runs:
-        label = LABELS.get(r["preset"], f"ADFQ, {r['iters']} it/module")
+        label = LABELS.get(r["preset"], f"ADFQ, {r['iters']} it/module") + GENERATIONS.get(r["tag"], "")
         lines.append(f"| {r['model']} | {label} | {r['top1']:.2f} | {r['calib_seconds']:.1f} s | "
                      f"{r['peak_mem_mb']:.0f} MB |")
     return lines

@@ -63,7 +63,8 @@ def method_rows(runs: list[dict], model: str, iters: int) -> list[tuple[str, dic
         if tag and select(runs, model=model, preset="adfq_init", tag=tag):
             rows.append((LABELS["adfq_init"] + suffix, dict(model=model, preset="adfq_init", tag=tag)))
         for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag=tag)}):
-            label = f"ADFQ, {budget} it/module{suffix}" + (" (default run's budget)" if budget == iters and not tag else "")
+            default = " (default run's budget)" if budget == iters and not tag else ""
+            label = f"ADFQ, {budget} it/module{suffix}{default}"
             rows.append((label, dict(model=model, preset="adfq", tag=tag, iters=budget)))
     return rows
 
@@ -115,7 +116,8 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
     if w3 is not None:
         out.append(verdict(f"W3A3{GENERATIONS[tag]} loses {fp - w3:.2f} Top-1 (target ≤ 4.0)", fp - w3 <= 4.0))
     if w6 is not None:
-        out.append(verdict(f"W6A6{GENERATIONS[tag]} is {abs(fp - w6):.2f} from FP (target ≤ 0.3)", abs(fp - w6) <= 0.3))
+        out.append(verdict(f"W6A6{GENERATIONS[tag]} is {abs(fp - w6):.2f} from FP (target ≤ 0.3)",
+                           abs(fp - w6) <= 0.3))
     for b in sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq_init", tag="")}):
         init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
         baselines = [(mean_of(runs, model=model, preset=m, w_bits=b), m) for m in ("minmax", "percentile")]
@@ -325,12 +327,15 @@ def cost_table(data: dict) -> list[str]:
 
 
 def timing_table(data: dict) -> list[str]:
-    runs = [r for r in data["runs"] if r["threads"] > 1]
+    """The timing runs of the current generation (an earlier generation's are superseded), model by model."""
+    order = ["minmax", "percentile", "adfq_init", "adfq"]
+    runs = sorted((r for r in data["runs"] if r["threads"] > 1 and r["tag"] == ""),
+                  key=lambda r: (r["model"] != "vit_cifar", r["model"], order.index(r["preset"])))
     if not runs:
         return []
     lines = ["| model | method | W4A4 Top-1 | calibration wall time | peak memory rise |", "|---|---|---:|---:|---:|"]
     for r in runs:
-        label = LABELS.get(r["preset"], f"ADFQ, {r['iters']} it/module") + GENERATIONS.get(r["tag"], "")
+        label = LABELS.get(r["preset"], f"ADFQ, {r['iters']} it/module")
         lines.append(f"| {r['model']} | {label} | {r['top1']:.2f} | {r['calib_seconds']:.1f} s | "
                      f"{r['peak_mem_mb']:.0f} MB |")
     return lines

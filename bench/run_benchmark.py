@@ -4,6 +4,8 @@
 Groups of runs (``--groups``, in this order of priority):
 
 * ``bits``: FP, and MinMax / Percentile / ADFQ without reconstruction at every bit width of ``--bits``;
+* ``qkv_grid``: ADFQ without reconstruction with the q/k/v grids searched by the squared error instead of
+  L2.4 (tag ``qkv_l2``), seed by seed, to pair with ``bits``;
 * ``adfq``: full ADFQ at the default budget (``--iters``, the default run's) at W3A3, W4A4, W6A6;
 * ``stress``: the ``*_outliers`` variants at W4A4 and W3A3: the baselines, ADFQ with and without
   reconstruction, each also without PPOQ;

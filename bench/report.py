@@ -229,7 +229,7 @@ def ablation_table(runs: list[dict], iters: int) -> list[str]:
              "|---|---|---:|" + "---:|" * len(tags)]
     for model in sorted({r["model"] for r in runs if r["tag"] in tags and r["preset"] == "adfq"}):
         # the ablations were run beside the oldest generation's full runs (``EARLIER_TAG``)
-        base = generations(runs, model, iters=iters)[-1]
+        base = (generations(runs, model, iters=iters) or [""])[-1]
         for b in (4, 3):
             full = stats(top1s(runs, model=model, preset="adfq", tag=base, iters=iters, w_bits=b))
             cells = []

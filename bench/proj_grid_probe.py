@@ -9,7 +9,7 @@ Percentile (read from ``benchmark.json``). Not a config switch: the probe wraps
 ``ADFQConfig.activation_quantizer``.
 
     python bench/proj_grid_probe.py --cells deit_cifar:6 deit_cifar:7 vit_cifar:8 --seeds 0 1 2 3 4 --jobs 2
-    python bench/proj_grid_probe.py --cells vit_cifar:4 deit_cifar:4 --seeds 0 1 2 --jobs 2
+    python bench/proj_grid_probe.py --cells vit_cifar:4 deit_cifar:4 swin_cifar:4 --seeds 0 1 2 --jobs 2
 
 Writes ``bench/results/proj_grid_probe.{json,md}`` (resumable).
 """
@@ -62,6 +62,10 @@ def in_subprocess(model: str, bits: int, seed: int, p: float) -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+def mean_cell(runs: list[dict], key: str) -> str:
+    return f"{statistics.mean(r[key] for r in runs):.{2 if key == 'top1' else 5}f}" if runs else "–"
+
+
 def report(runs: list[dict], bench: list[dict]) -> list[str]:
     lines = ["| model | bits | p | seeds | Top-1, proj L_p | Top-1, default (L2) | Top-1, Percentile | KL, proj L_p | "
              "KL, default | KL, Percentile |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -70,12 +74,10 @@ def report(runs: list[dict], bench: list[dict]) -> list[str]:
         seeds = [r["seed"] for r in own]
         paired = {m: [r for r in select(bench, model=model, preset=m, tag="", w_bits=bits) if r["seed"] in seeds]
                   for m in ("adfq_init", "percentile")}
-        mean = lambda rs, k: (f"{statistics.mean(r[k] for r in rs):.{2 if k == 'top1' else 5}f}"  # noqa: E731
-                              if rs else "–")
-        lines.append(f"| {model} | W{bits}A{bits} | {p} | {' '.join(map(str, seeds))} | {mean(own, 'top1')} | "
-                     f"{mean(paired['adfq_init'], 'top1')} | {mean(paired['percentile'], 'top1')} | "
-                     f"{mean(own, 'kl_to_fp')} | {mean(paired['adfq_init'], 'kl_to_fp')} | "
-                     f"{mean(paired['percentile'], 'kl_to_fp')} |")
+        lines.append(f"| {model} | W{bits}A{bits} | {p} | {' '.join(map(str, seeds))} | {mean_cell(own, 'top1')} | "
+                     f"{mean_cell(paired['adfq_init'], 'top1')} | {mean_cell(paired['percentile'], 'top1')} | "
+                     f"{mean_cell(own, 'kl_to_fp')} | {mean_cell(paired['adfq_init'], 'kl_to_fp')} | "
+                     f"{mean_cell(paired['percentile'], 'kl_to_fp')} |")
     return lines
 
 

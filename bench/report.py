@@ -14,13 +14,15 @@ from adfq_lightning.io import atomic_write
 
 LABELS = {"fp": "FP32", "minmax": "MinMax (per-tensor)", "percentile": "Percentile (per-tensor)",
           "adfq_init": "ADFQ, no reconstruction"}
-#: The reference models' ADFQ runs (no reconstruction and full) made before the q/k/v grids moved from the
-#: squared error to L2.4 (2026-11-27) carry this tag. Reconstruction gains are measured within one generation: a
-#: tag's full ADFQ against the same tag's no-reconstruction runs. The ablations were run beside these full runs;
-#: the stress variants' runs are all of that session too, untagged (none has been re-run).
+#: The ADFQ runs (no reconstruction and full, reference models and stress variants) made before the q/k/v grids
+#: moved from the squared error to L2.4 (2026-11-27) carry this tag. Reconstruction gains are measured within one
+#: generation: a tag's full ADFQ against the same tag's no-reconstruction runs.
 EARLIER_TAG = "before_qkv_l2.4"
-#: the generations of the reference models' ADFQ runs, newest first, and the suffix of their rows' labels
+#: the generations of the ADFQ runs, newest first, and the suffix of their rows' labels
 GENERATIONS = {"": "", EARLIER_TAG: ", squared-error q/k/v grid (earlier session)"}
+#: the settings each generation's runs carry in ``changes``: an ablation run (tagged by what it switches off)
+#: belongs to the generation whose settings it has
+GENERATION_CHANGES = {"": {"qkv_error_p": None}, EARLIER_TAG: {"qkv_error_p": 2.0}}
 #: the methods without reconstruction, measured at every width
 BITS_PRESETS = ("minmax", "percentile", "adfq_init")
 ABLATION_LABELS = {"no_ppoq": "w/o PPOQ", "no_slq": "w/o SLQ", "no_log_softmax": "w/o log-√2 softmax",
@@ -100,6 +102,15 @@ def kl_of(runs, **fields) -> Optional[float]:
 def generations(runs: list[dict], model: str, **fields) -> list[str]:
     """The tags of ``GENERATIONS`` that have full-ADFQ runs of ``model`` (matching ``fields``), newest first."""
     return [tag for tag in GENERATIONS if select(runs, model=model, preset="adfq", tag=tag, **fields)]
+
+
+def in_generation(run: dict, tag: str) -> bool:
+    return all(run["changes"].get(k) == v for k, v in GENERATION_CHANGES[tag].items())
+
+
+def ablated(runs: list[dict], ablation: str, generation: str, **fields) -> list[float]:
+    """Top-1 of the runs with ``ablation`` switched off, made with ``generation``'s settings."""
+    return [r["top1"] for r in select(runs, tag=ablation, **fields) if in_generation(r, generation)]
 
 
 def verdict(text: str, ok: bool) -> str:
@@ -197,18 +208,20 @@ def stress_table(runs: list[dict], iters: int) -> list[str]:
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for v in variants:
         fp = cell(top1s(runs, model=v, preset="fp"))
-        for b in (4, 3):
-            full = select(runs, model=v, preset="adfq", tag="", iters=iters, w_bits=b)
-            init = select(runs, model=v, preset="adfq_init", tag="", w_bits=b)
-            ratios = [x for r in full + init for m in r.get("modules", []) for x in m.get("outlier_ratio", {}).values()]
-            ratio = f"{statistics.mean(ratios):.2%}" if ratios else "–"
-            lines.append(f"| {v} | {fp} | W{b}A{b} | {cell(top1s(runs, model=v, preset='minmax', w_bits=b))} | "
-                         f"{cell(top1s(runs, model=v, preset='percentile', w_bits=b))} | "
-                         f"{cell([r['top1'] for r in init])} | "
-                         f"{cell(top1s(runs, model=v, preset='adfq_init', tag='no_ppoq', w_bits=b))} | "
-                         f"{cell([r['top1'] for r in full])} | "
-                         f"{cell(top1s(runs, model=v, preset='adfq', tag='no_ppoq', iters=iters, w_bits=b))} | "
-                         f"{ratio} |")
+        for tag in [t for t in GENERATIONS if select(runs, model=v, preset="adfq_init", tag=t)]:
+            for b in (4, 3):
+                full = select(runs, model=v, preset="adfq", tag=tag, iters=iters, w_bits=b)
+                init = select(runs, model=v, preset="adfq_init", tag=tag, w_bits=b)
+                ratios = [x for r in full + init for m in r.get("modules", []) for x in m.get("outlier_ratio", {}).values()]
+                ratio = f"{statistics.mean(ratios):.2%}" if ratios else "–"
+                lines.append(f"| {v}{GENERATIONS[tag]} | {fp} | W{b}A{b} | "
+                             f"{cell(top1s(runs, model=v, preset='minmax', w_bits=b))} | "
+                             f"{cell(top1s(runs, model=v, preset='percentile', w_bits=b))} | "
+                             f"{cell([r['top1'] for r in init])} | "
+                             f"{cell(ablated(runs, 'no_ppoq', tag, model=v, preset='adfq_init', w_bits=b))} | "
+                             f"{cell([r['top1'] for r in full])} | "
+                             f"{cell(ablated(runs, 'no_ppoq', tag, model=v, preset='adfq', iters=iters, w_bits=b))} | "
+                             f"{ratio} |")
     return lines
 
 
@@ -216,16 +229,19 @@ def stress_budget_table(runs: list[dict], iters: int) -> list[str]:
     """Full ADFQ on the stress variants at every budget run, beside no reconstruction, and issue 10 §3's checks
     (``iters``: the default run's budget)."""
     variants = stress_variants(runs)
-    budgets = sorted({r["iters"] for v in variants for r in select(runs, model=v, preset="adfq", tag="")})
+    budgets = sorted({r["iters"] for v in variants for r in select(runs, model=v, preset="adfq")
+                      if r["tag"] in GENERATIONS})
     if len(budgets) < 2:
         return []
     lines = ["| variant | bits | ADFQ, no reconstruction | " + " | ".join(f"{it} it/module" for it in budgets) + " |",
              "|---|---|---:|" + "---:|" * len(budgets)]
     for v in variants:
-        for b in (4, 3):
-            lines.append(f"| {v} | W{b}A{b} | {cell(top1s(runs, model=v, preset='adfq_init', tag='', w_bits=b))} | "
-                         + " | ".join(cell(top1s(runs, model=v, preset="adfq", tag="", iters=it, w_bits=b))
-                                      for it in budgets) + " |")
+        for tag in generations(runs, v):
+            for b in (4, 3):
+                lines.append(f"| {v}{GENERATIONS[tag]} | W{b}A{b} | "
+                             f"{cell(top1s(runs, model=v, preset='adfq_init', tag=tag, w_bits=b))} | "
+                             + " | ".join(cell(top1s(runs, model=v, preset="adfq", tag=tag, iters=it, w_bits=b))
+                                          for it in budgets) + " |")
     checks = [line for v in variants for line in reconstruction_checks(runs, v, prefix=f"{v}, ")
               + budget_targets(runs, v, iters, prefix=f"{v}, ")]
     return lines + ["", "Targets (issue 10 §3 on the stress variants; means over seeds):", ""] + checks
@@ -237,14 +253,14 @@ def ablation_table(runs: list[dict], iters: int) -> list[str]:
         return []
     lines = ["| model | bits | full ADFQ | " + " | ".join(ABLATION_LABELS[t] for t in tags) + " |",
              "|---|---|---:|" + "---:|" * len(tags)]
-    for model in sorted({r["model"] for r in runs if r["tag"] in tags and r["preset"] == "adfq"}):
-        # the ablations were run beside the oldest generation's full runs (``EARLIER_TAG``)
-        base = (generations(runs, model, iters=iters) or [""])[-1]
+    for model, base in sorted({(r["model"], tag) for r in runs if r["tag"] in tags and r["preset"] == "adfq"
+                               for tag in GENERATIONS if in_generation(r, tag)}):
+        # each generation's ablations against its own full runs
         for b in (4, 3):
             full = stats(top1s(runs, model=model, preset="adfq", tag=base, iters=iters, w_bits=b))
             cells = []
             for t in tags:
-                off = stats(top1s(runs, model=model, preset="adfq", tag=t, iters=iters, w_bits=b))
+                off = stats(ablated(runs, t, base, model=model, preset="adfq", iters=iters, w_bits=b))
                 if off is None or full is None:
                     cells.append("–")
                     continue

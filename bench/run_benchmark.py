@@ -8,9 +8,10 @@ Groups of runs (``--groups``, in this order of priority):
   L2.4 (tag ``qkv_l2``), seed by seed, to pair with ``bits``;
 * ``adfq``: full ADFQ at the default budget (``--iters``, the default run's) at W3A3, W4A4, W6A6;
 * ``stress``: the ``*_outliers`` variants at W4A4 and W3A3: the baselines, ADFQ with and without
-  reconstruction, each also without PPOQ;
+  reconstruction;
 * ``ablation``: full ADFQ with one component off (PPOQ, SLQ, log-sqrt(2) softmax, attention KL, QDrop) at
-  W3A3 and W4A4 (those of ``--bits``, in its order);
+  W3A3 and W4A4 (those of ``--bits``, in its order), and on the ``*_outliers`` variants ADFQ with and without
+  reconstruction, each without PPOQ;
 * ``budget``: full ADFQ at 100 and 1,000 iterations per module (W3A3, W4A4, every seed) and 3,000 (first
   seed); ``--budget-iters`` picks among them and their order, ``--bits`` the widths as for ``ablation``;
 * ``stress_budget``: the same budgets on the ``*_outliers`` variants;
@@ -75,12 +76,13 @@ def plan(args) -> list[dict]:
         # the quick runs (no reconstruction) first
         "stress": lambda: [baseline(v, "fp") for v in variants]
         + [baseline(v, method, b, s) for v in variants for b in (4, 3) for s in seeds for method in BASELINES]
-        + [baseline(v, "adfq_init", b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq")
-           for v in variants for b in (4, 3) for s in seeds]
-        + [run for v in variants for b in (4, 3) for s in seeds
-           for run in (adfq(v, b, s), adfq(v, b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq"))],
+        + [adfq(v, b, s) for v in variants for b in (4, 3) for s in seeds],
+        # on the stress variants, PPOQ alone: the one component they exist for
         "ablation": lambda: [adfq(m, b, s, changes=changes, tag=tag) for m in models for b in low_bits
-                             for s in seeds for tag, changes in ABLATIONS.items()],
+                             for s in seeds for tag, changes in ABLATIONS.items()]
+        + [run for v in variants for b in low_bits for s in seeds
+           for run in (baseline(v, "adfq_init", b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq"),
+                       adfq(v, b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq"))],
         "budget": lambda: budgets(models),
         "stress_budget": lambda: budgets(variants),
     }

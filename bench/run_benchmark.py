@@ -77,9 +77,9 @@ def plan(args) -> list[dict]:
         "stress": lambda: [baseline(v, "fp") for v in variants]
         + [baseline(v, method, b, s) for v in variants for b in (4, 3) for s in seeds for method in BASELINES]
         + [adfq(v, b, s) for v in variants for b in (4, 3) for s in seeds],
-        # on the stress variants, PPOQ alone: the one component they exist for
         "ablation": lambda: [adfq(m, b, s, changes=changes, tag=tag) for m in models for b in low_bits
                              for s in seeds for tag, changes in ABLATIONS.items()]
+        # on the stress variants, PPOQ alone: the one component they exist for
         + [run for v in variants for b in low_bits for s in seeds
            for run in (baseline(v, "adfq_init", b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq"),
                        adfq(v, b, s, changes=ABLATIONS["no_ppoq"], tag="no_ppoq"))],

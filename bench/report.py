@@ -175,7 +175,8 @@ def budget_targets(runs: list[dict], model: str, iters: int, prefix: str = "") -
     for b in (3, 4):
         for tag in generations(runs, model, w_bits=b):
             fields = dict(model=model, preset="adfq", tag=tag, w_bits=b)
-            init = mean_of(runs, model=model, preset="adfq_init", tag=tag, w_bits=b)
+            start = dict(fields, preset="adfq_init")
+            init = mean_of(runs, **start)
             if init is None:
                 continue
             at = {it: mean_of(runs, iters=it, **fields) for it in (iters, 1000, 3000)}
@@ -189,11 +190,11 @@ def budget_targets(runs: list[dict], model: str, iters: int, prefix: str = "") -
                        for it in (iters, 3000)}
             time_share = (f"in {seconds[iters] / seconds[3000]:.0%} of its calibration time ({seconds[iters]:.0f} s "
                           f"vs {seconds[3000]:.0f} s)")
-            kl = [kl_of(runs, **dict(fields, preset="adfq_init"))]
+            kl = [kl_of(runs, **start)]
             kl += [kl_of(runs, iters=it, **fields) for it in (iters, 3000)]
             by_kl = (f"; by KL to FP32 {(kl[0] - kl[1]) / (kl[0] - kl[2]):.0%} of its reduction"
                      if None not in kl and kl[0] > kl[2] else "")
-            spread = max(std_of(runs, iters=iters, **fields), std_of(runs, **dict(fields, preset="adfq_init")))
+            spread = max(std_of(runs, iters=iters, **fields), std_of(runs, **start))
             top1 = (f"Top-1 {at[iters]:.2f} vs {at[3000]:.2f}, from {init:.2f} (larger std {spread:.2f}"
                     f"{'; the 3000-it gain is inside it' if at[3000] - init <= spread else ''})")
             if at[3000] > init:
@@ -213,11 +214,14 @@ def paired_share(runs: list[dict], fields: dict, iters: int) -> str:
     seeds = {r["seed"] for r in select(runs, iters=3000, **fields)}
     if seeds == {r["seed"] for r in select(runs, iters=iters, **fields)}:
         return ""
-    on = lambda **kw: [r["top1"] for r in select(runs, **kw) if r["seed"] in seeds]  # noqa: E731
-    start, short, long = on(**dict(fields, preset="adfq_init")), on(iters=iters, **fields), on(iters=3000, **fields)
-    if len(start) != len(seeds) or len(short) != len(seeds) or statistics.mean(long) <= statistics.mean(start):
+    top1 = [[r["top1"] for r in select(runs, **kw) if r["seed"] in seeds]
+            for kw in (dict(fields, preset="adfq_init"), dict(fields, iters=iters), dict(fields, iters=3000))]
+    if any(len(values) != len(seeds) for values in top1[:2]):
         return ""
-    share = (statistics.mean(short) - statistics.mean(start)) / (statistics.mean(long) - statistics.mean(start))
+    init, short, long = (statistics.mean(values) for values in top1)
+    if long <= init:
+        return ""
+    share = (short - init) / (long - init)
     return f"; on seed {', '.join(map(str, sorted(seeds)))} alone, paired: {share:.0%}"
 
 

@@ -109,12 +109,13 @@ def bootstrap(rows: list[tuple[dict, ...]], key: str) -> tuple[float, float]:
     return draws[len(draws) // 20], draws[len(draws) * 19 // 20]
 
 
-def render(data: dict, pooled: list[dict], args) -> str:
+def render(data: dict, pooled: list[dict], args, rendered_by: str = "") -> str:
     by_seed = triples(data["runs"] + pooled, args.model, args.bits, args.iters, args.long_iters)
     b, i, li = args.bits, args.iters, args.long_iters
     lines = [f"# The default budget against {li} iterations, seed by seed: {args.model} W{b}A{b}", "",
              "Produced by:", ""] + [f"- `{c}`" for c in data["meta"].get("commands", [])]
-    lines += [f"- seeds that `{f}` holds all three runs of" for f in args.pool] + [""]
+    lines += [f"- seeds that `{f}` holds all three runs of" for f in args.pool]
+    lines += [f"- this file rendered by `{rendered_by}`"] * bool(rendered_by) + [""]
     lines += [f"Note: {note}" for note in data["meta"].get("notes", [])] + [""] * bool(data["meta"].get("notes"))
     lines += ["Each seed draws other 1,024 calibration images and reseeds reconstruction; each run went in a fresh "
               "process with 1 thread, on the device named (two names where a seed's runs did not share one). "
@@ -186,11 +187,11 @@ def main(argv=None) -> int:
         p.error(f"--pool: no results file at {', '.join(missing)} (paths are relative to where you run from)")
     path = args.out / f"{args.name}.json"
     pooled = [r for f in args.pool for r in load_results(f)["runs"]]
-    write = lambda data: atomic_write(args.out / f"{args.name}.md", render(data, pooled, args).encode())  # noqa: E731
-    if args.report_only:
-        write(load_results(path))
-        return 0
     command = shlex.join(["python", "bench/budget_seeds.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.report_only:
+        atomic_write(args.out / f"{args.name}.md", render(load_results(path), pooled, args, command).encode())
+        return 0
+    write = lambda data: atomic_write(args.out / f"{args.name}.md", render(data, pooled, args).encode())  # noqa: E731
     pooled_keys = {spec_key(r) for r in pooled}
     specs = [s for s in plan(args) if spec_key(s) not in pooled_keys]
     write(run_specs(specs, path, command, jobs=args.jobs, on_result=write, time_budget=args.time_budget))

@@ -69,6 +69,8 @@ class ADFQConfig:
         kl_temperature / kl_lambda: temperature T; the term enters the loss as ``KL / kl_lambda``.
         qdrop_prob: probability of keeping each element of the quantized-prefix input (QDrop); the rest comes
             from the full-precision prefix. 1.0 disables mixing.
+        qdrop_until: fraction of ``iters`` during which QDrop mixes the input; the later iterations, where the
+            AdaRound regulariser settles the rounding, see the quantized prefix only. 1.0 mixes to the end.
         rec_p: exponent of the Lp output reconstruction loss.
         act_grad: how the loss gradient passes through activation quantizers to their inputs: ``ste`` straight
             through, ``in_range`` only for values the grid represents, ``none`` not at all (reference code).
@@ -122,6 +124,7 @@ class ADFQConfig:
     kl_temperature: float = 4.0
     kl_lambda: float = 0.1
     qdrop_prob: float = 0.5
+    qdrop_until: float = 1.0
     rec_p: float = 2.0
     act_grad: GradMode = "ste"
     learn_steps: Literal["all", "linear_inputs"] = "all"
@@ -161,6 +164,8 @@ class ADFQConfig:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if not 0.0 < self.qdrop_prob <= 1.0:
             raise ValueError(f"qdrop_prob={self.qdrop_prob!r} must be in (0, 1].")
+        if not 0.0 <= self.qdrop_until <= 1.0:
+            raise ValueError(f"qdrop_until={self.qdrop_until!r} must be in [0, 1] (1.0 mixes to the last iteration).")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup={self.warmup!r} must be in [0, 1).")
         if self.kl_temperature <= 0 or self.kl_lambda <= 0:

@@ -685,6 +685,23 @@ def test_harden_at_fixes_rounding_then_learns_steps_only(tiny_vit, more_images):
         ADFQConfig(harden_at=0.0)
 
 
+def test_qdrop_until_mixes_the_fp_prefix_only_in_the_first_part_of_each_module(make_tiny, more_images):
+    def losses(**changes):
+        calls = []
+        quantize(make_tiny("vit"), more_images[:16], ASMO.replace(iters=6, batch_size=8, **changes),
+                 log=lambda name, it, terms: calls.append((name, it, float(terms["rec"]))))
+        return calls
+
+    mixed, until_half, never = losses(), losses(qdrop_until=0.5), losses(qdrop_prob=1.0)
+    assert losses(qdrop_until=0.0) == never  # no QDrop iteration at all: exactly the run without it
+    # the second module: the first one's input (the images) has no quantized prefix to mix with
+    assert until_half[:6] == mixed[:6] == never[:6] and until_half[6][0] == "blocks.0.attn"
+    assert until_half[6:9] == mixed[6:9] != never[6:9]  # the same draws while it mixes
+    assert until_half[9] != mixed[9] and until_half != never
+    with pytest.raises(ValueError, match="qdrop_until"):
+        ADFQConfig(qdrop_until=1.5)
+
+
 @pytest.mark.parametrize("arch", ["vit", "swin"])
 def test_graph_path_captures_once_per_phase_and_matches_eager(make_tiny, more_images, monkeypatch, arch):
     """The CUDA-graph path on a CPU, with a capture that keeps the module eager: the engine captures each stage

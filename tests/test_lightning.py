@@ -190,6 +190,17 @@ def test_imagenet_configs_parse(name, capsys):
     assert "ImageFolderDataModule" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs/cifar10").glob("*.yaml")))
+def test_cifar10_configs_parse(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--config", str(ROOT / "configs/cifar10" / name), "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "CIFAR10DataModule" in printed
+    # the DeiT W4A4 recipe is the one that switches QDrop off (README, "The default budget against the paper's")
+    assert ("qdrop_prob: 1.0" in printed) == (name == "deit_w4a4.yaml"), name
+
+
 def test_cli_fit_then_test_from_checkpoint(tmp_path, capsys):
     config = str(ROOT / "configs/cifar10/vit_w4a4.yaml")
     common = ["--config", config, "--trainer.logger.init_args.save_dir", str(tmp_path),

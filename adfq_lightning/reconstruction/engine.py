@@ -363,7 +363,7 @@ class Reconstructor:
         positions = (rows >= 0).nonzero().squeeze(1)
         rows = rows[positions].to(self.t_q.device, non_blocking=True)
         x = self._load(self.t_q[rows])
-        if cfg.qdrop_prob < 1.0:
+        if cfg.qdrop_prob < 1.0 and it < cfg.qdrop_until * cfg.iters:
             # drawn on the compute device for the whole global batch, then this rank's rows taken
             noise_gen = torch.Generator(device=self.device).manual_seed(seed)
             noise = torch.rand((cfg.batch_size, *x.shape[1:]), generator=noise_gen, device=self.device)

@@ -70,7 +70,8 @@ class ADFQConfig:
         qdrop_prob: probability of keeping each element of the quantized-prefix input (QDrop); the rest comes
             from the full-precision prefix. 1.0 disables mixing.
         qdrop_until: fraction of ``iters`` during which QDrop mixes the input; the later iterations, where the
-            AdaRound regulariser settles the rounding, see the quantized prefix only. 1.0 mixes to the end.
+            AdaRound regulariser settles the rounding, see the quantized prefix only. 1.0 mixes to the end. At 200
+            iterations stopping half-way does as well as no QDrop on DeiT, but costs Swin most of QDrop's gain (README).
         rec_p: exponent of the Lp output reconstruction loss.
         act_grad: how the loss gradient passes through activation quantizers to their inputs: ``ste`` straight
             through, ``in_range`` only for values the grid represents, ``none`` not at all (reference code).

@@ -134,7 +134,7 @@ def render(data: dict, pooled: list[dict], args, rendered_by: str = "") -> str:
     if partial:
         lines += ["", f"Seeds left out, their three runs not all done: {', '.join(map(str, partial))}."]
     rows = list(by_seed.values())
-    if len(rows) >= 2:
+    if len(rows) >= 2 and i != li:  # a budget held against itself has no share to report
         lines += [""]
         for key, what in (("top1", "Top-1 gain"), ("kl_to_fp", "KL reduction")):
             low, high = bootstrap(rows, key)

@@ -1,8 +1,11 @@
 """Where a model's distance to FP32 comes from: KL(FP32 || quantized) with one kind of quantizer switched on at a
 time, all others calibrated but off, for ADFQ without reconstruction (q/k/v grids by L2.4 and by the squared
-error) and Percentile. It found the q/k/v grid's cost at 4-8 bits (README, *Every bit width*).
+error) and Percentile. It found the q/k/v grid's cost at 4-8 bits (README, *Every bit width*). Top-1 beside it, and
+the images on which exactly one of a method and Percentile is right: where the two tie on Top-1 within the seeds'
+spread, that count says whether the gap is more than the luck of which images flip.
 
     python bench/quantizer_split.py --model deit_cifar --bits 6 --seed 0
+    python bench/quantizer_split.py --model deit_cifar --bits 7 --seed 0 --num-val 5000 --name quantizer_split_deit_cifar_w7_val5000
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 
 from harness import REPO, calibration_and_validation, kl_to_fp
 
@@ -18,9 +22,20 @@ from adfq_lightning.io import atomic_write
 METHODS = {"ADFQ, no reconstruction (q/k/v L2.4, default)": ("adfq_init", {}),
            "ADFQ, no reconstruction (q/k/v squared error)": ("adfq_init", {"qkv_error_p": 2.0}),
            "Percentile (per-tensor)": ("percentile", {})}
+BASELINE = "Percentile (per-tensor)"
 
 
-def split(model_name: str, bits: int, seed: int, num_val: int) -> dict[str, dict[str, float]]:
+def two_sided_sign_test(wins: int, losses: int) -> float:
+    """Exact p-value of ``wins`` against ``losses`` under a fair coin (McNemar's test on the discordant images)."""
+    from math import comb
+
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def split(model_name: str, bits: int, seed: int, num_val: int) -> tuple[dict, dict, dict, float]:
+    """KL to FP32 and Top-1 per method and quantizer kind, each method's per-image correctness (all quantizers on),
+    and FP32's Top-1."""
     import timm.data
     import torch
 
@@ -31,7 +46,7 @@ def split(model_name: str, bits: int, seed: int, num_val: int) -> dict[str, dict
     from adfq_lightning.reconstruction import Reconstructor
     from adfq_lightning.zoo import create_reference_model
 
-    calib_u8, val_u8, _ = calibration_and_validation(1024, num_val, seed)
+    calib_u8, val_u8, labels = calibration_and_validation(1024, num_val, seed)
     float_model = create_reference_model(model_name, pretrained=True).eval()
     transform = cifar10_eval_transform(timm.data.resolve_data_config(model=float_model))
     val, images = transform(val_u8), transform(calib_u8)
@@ -41,20 +56,24 @@ def split(model_name: str, bits: int, seed: int, num_val: int) -> dict[str, dict
         return torch.cat([model(val[i : i + 500]) for i in range(0, len(val), 500)])
 
     fp = logits_of(float_model)
-    table = {}
+    kl, top1, correct = {}, {}, {}
     for label, (preset, changes) in METHODS.items():
         model = copy.deepcopy(float_model)
         config = ADFQConfig.preset(preset, w_bits=bits, a_bits=bits, seed=seed, **changes)
         prepare(model, config)
         Reconstructor(model, config, images, torch.arange(len(images)), len(images)).run()
         quantizers = [(q, "weights" if isinstance(q, AdaRoundQuantizer) else q.role) for q in outermost_quantizers(model)]
-        row = {}
+        kl[label], top1[label] = {}, {}
         for kind in ["all", "weights", "activations"] + sorted({k for _, k in quantizers} - {"weights"}):
             for q, k in quantizers:
                 q.enabled = kind == "all" or k == kind or (kind == "activations" and k != "weights")
-            row[kind] = kl_to_fp(logits_of(model), fp)
-        table[label] = row
-    return table
+            logits = logits_of(model)
+            kl[label][kind] = kl_to_fp(logits, fp)
+            hits = logits.argmax(1) == labels
+            top1[label][kind] = float(hits.float().mean()) * 100
+            if kind == "all":
+                correct[label] = hits
+    return kl, top1, correct, float((fp.argmax(1) == labels).float().mean()) * 100
 
 
 def main(argv=None) -> int:
@@ -63,17 +82,31 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-val", type=int, default=2000)
+    p.add_argument("--name", help="results file name without suffix (default quantizer_split_<model>_w<bits>)")
     args = p.parse_args(argv)
-    table = split(args.model, args.bits, args.seed, args.num_val)
-    kinds = list(next(iter(table.values())))
-    lines = [f"# KL(FP32 ‖ quantized) by quantizer kind: {args.model} W{args.bits}A{args.bits}, calibration seed "
-             f"{args.seed}, first {args.num_val} validation images", "",
-             f"`python bench/quantizer_split.py --model {args.model} --bits {args.bits} --seed {args.seed}`", "",
-             "Each column switches on only that kind of quantizer (all calibrated as in the full model).", "",
-             "| method | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
-    lines += [f"| {label} | " + " | ".join(f"{row[k]:.5f}" for k in kinds) + " |" for label, row in table.items()]
-    out = REPO / "bench" / "results" / f"quantizer_split_{args.model}_w{args.bits}.md"
-    atomic_write(out.with_suffix(".json"), (json.dumps({"args": vars(args), "kl_to_fp": table}, indent=1) + "\n").encode())
+    kl, top1, correct, fp_top1 = split(args.model, args.bits, args.seed, args.num_val)
+    kinds = list(kl[BASELINE])
+    command = " ".join(["python bench/quantizer_split.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = [f"# KL(FP32 ‖ quantized) and Top-1 by quantizer kind: {args.model} W{args.bits}A{args.bits}, calibration "
+             f"seed {args.seed}, first {args.num_val} validation images", "", f"`{command}`", "",
+             "Each column switches on only that kind of quantizer (all calibrated as in the full model).", ""]
+    for title, table, fmt in (("KL(FP32 ‖ quantized)", kl, ".5f"), ("Top-1 %", top1, ".2f")):
+        lines += [f"{title}:", "", "| method | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+        lines += [f"| {label} | " + " | ".join(f"{row[k]:{fmt}}" for k in kinds) + " |" for label, row in table.items()]
+        lines.append("")
+    lines.append(f"FP32 Top-1 {fp_top1:.2f}. All quantizers on, the images on which exactly one of a method "
+                 f"and {BASELINE} is right, and the exact two-sided sign test (McNemar) of that split:")
+    lines.append("")
+    paired = {}
+    for label in [label for label in correct if label != BASELINE]:
+        wins = int((correct[label] & ~correct[BASELINE]).sum())
+        losses = int((~correct[label] & correct[BASELINE]).sum())
+        paired[label] = {"wins": wins, "losses": losses, "p": two_sided_sign_test(wins, losses)}
+        lines.append(f"- {label}: right alone on {wins} images, {BASELINE} right alone on {losses}; "
+                     f"p = {paired[label]['p']:.2f}")
+    out = REPO / "bench" / "results" / f"{args.name or f'quantizer_split_{args.model}_w{args.bits}'}.md"
+    record = {"args": vars(args), "kl_to_fp": kl, "top1": top1, "against_percentile": paired}
+    atomic_write(out.with_suffix(".json"), (json.dumps(record, indent=1) + "\n").encode())
     atomic_write(out, ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
     return 0

@@ -143,10 +143,23 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
             spread = max(std_of(runs, model=model, preset="adfq_init", tag="", w_bits=b),
                          std_of(runs, model=model, preset=best[1], w_bits=b))
             kl = [fidelity_cell(select(runs, model=model, preset=m, tag="", w_bits=b)) for m in ("adfq_init", best[1])]
+            paired = seed_by_seed_difference(runs, dict(model=model, preset="adfq_init", tag="", w_bits=b),
+                                             dict(model=model, preset=best[1], w_bits=b))
             out.append(verdict(f"W{b}A{b}: ADFQ without reconstruction {init - best[0]:+.2f} vs the better baseline "
-                               f"({LABELS[best[1]]}; larger std {spread:.2f}; target ≥ 0); same prediction as FP32 · "
-                               f"KL to FP32 {kl[0]} vs {kl[1]}", init >= best[0]))
+                               f"({LABELS[best[1]]}; larger std {spread:.2f}; {paired}; target ≥ 0); same prediction "
+                               f"as FP32 · KL to FP32 {kl[0]} vs {kl[1]}", init >= best[0]))
     return out + reconstruction_checks(runs, model) + budget_targets(runs, model, iters)
+
+
+def seed_by_seed_difference(runs: list[dict], fields: dict, other: dict) -> str:
+    """Top-1 of ``fields`` minus ``other``'s on each seed both ran: mean and standard error. Both calibrate on the
+    same images in a seed, so the seed-to-seed drift that both share drops out of the comparison."""
+    by_seed = [{r["seed"]: r["top1"] for r in select(runs, **kw)} for kw in (fields, other)]
+    diffs = [by_seed[0][s] - by_seed[1][s] for s in sorted(by_seed[0].keys() & by_seed[1].keys())]
+    if len(diffs) < 2:
+        return "no seeds to pair"
+    return (f"seed by seed {statistics.mean(diffs):+.2f}, standard error "
+            f"{statistics.stdev(diffs) / len(diffs) ** 0.5:.2f} over {len(diffs)} seeds")
 
 
 def reconstruction_checks(runs: list[dict], model: str, prefix: str = "") -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 
 from harness import REPO, calibration_and_validation, kl_to_fp
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     kl, top1, correct, fp_top1 = split(args.model, args.bits, args.seed, args.num_val)
     kinds = list(kl[BASELINE])
-    command = " ".join(["python bench/quantizer_split.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "bench/quantizer_split.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [f"# KL(FP32 ‖ quantized) and Top-1 by quantizer kind: {args.model} W{args.bits}A{args.bits}, calibration "
              f"seed {args.seed}, first {args.num_val} validation images", "", f"`{command}`", "",
              "Each column switches on only that kind of quantizer (all calibrated as in the full model).", ""]
@@ -98,7 +99,9 @@ def main(argv=None) -> int:
                  f"and {BASELINE} is right, and the exact two-sided sign test (McNemar) of that split:")
     lines.append("")
     paired = {}
-    for label in [label for label in correct if label != BASELINE]:
+    for label in correct:  # in METHODS' order, the baseline left out
+        if label == BASELINE:
+            continue
         wins = int((correct[label] & ~correct[BASELINE]).sum())
         losses = int((~correct[label] & correct[BASELINE]).sum())
         paired[label] = {"wins": wins, "losses": losses, "p": two_sided_sign_test(wins, losses)}

@@ -110,12 +110,52 @@ def calibration_and_validation(num_calib: int, num_val: int, seed: int):
     return data.images[calib], data.images[val_idx[:num_val]], data.labels[val_idx[:num_val]]
 
 
+def reference_model_and_images(model_name: str, num_calib: int, num_val: int, seed: int):
+    """A shipped reference model in eval mode, its transformed calibration images for ``seed`` and validation
+    images, and the validation labels: what the in-process comparison scripts start from."""
+    import timm.data
+
+    from adfq_lightning.data import cifar10_eval_transform
+    from adfq_lightning.zoo import create_reference_model
+
+    calib_u8, val_u8, labels = calibration_and_validation(num_calib, num_val, seed)
+    model = create_reference_model(model_name, pretrained=True).eval()
+    transform = cifar10_eval_transform(timm.data.resolve_data_config(model=model))
+    return model, transform(calib_u8), transform(val_u8), labels
+
+
+def logits_on(model, images, batch: int = 500):
+    """``model``'s logits on ``images``, ``batch`` at a time, without autograd."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
 def kl_to_fp(logits, fp_logits) -> float:
     """KL(FP32 || quantized) of two models' logits on the same images, mean over images (nats)."""
     import torch
 
     return float(torch.nn.functional.kl_div(logits.log_softmax(1), fp_logits.log_softmax(1), log_target=True,
                                             reduction="batchmean"))
+
+
+def quantized_copy(float_model, preset: str, bits: int, seed: int, images, **changes):
+    """A copy of ``float_model`` quantized under ``preset`` in this process (reconstructed only if the preset does):
+    the scripts that compare methods image by image keep every model side by side."""
+    import copy
+
+    import torch
+
+    from adfq_lightning import ADFQConfig
+    from adfq_lightning.api import prepare
+    from adfq_lightning.reconstruction import Reconstructor
+
+    model = copy.deepcopy(float_model)
+    config = ADFQConfig.preset(preset, w_bits=bits, a_bits=bits, seed=seed, **changes)
+    prepare(model, config)
+    Reconstructor(model, config, images, torch.arange(len(images)), len(images)).run()
+    return model
 
 
 def run_one(spec: dict) -> dict:

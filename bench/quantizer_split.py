@@ -11,12 +11,11 @@ spread, that count says whether the gap is more than the luck of which images fl
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shlex
 import sys
 
-from harness import REPO, calibration_and_validation, kl_to_fp
+from harness import REPO, kl_to_fp, logits_on, quantized_copy, reference_model_and_images
 
 from adfq_lightning.io import atomic_write
 
@@ -37,38 +36,19 @@ def two_sided_sign_test(wins: int, losses: int) -> float:
 def split(model_name: str, bits: int, seed: int, num_val: int) -> tuple[dict, dict, dict, float]:
     """KL to FP32 and Top-1 per method and quantizer kind, each method's per-image correctness (all quantizers on),
     and FP32's Top-1."""
-    import timm.data
-    import torch
-
-    from adfq_lightning import ADFQConfig
-    from adfq_lightning.api import prepare
-    from adfq_lightning.data import cifar10_eval_transform
     from adfq_lightning.quantizers import AdaRoundQuantizer, outermost_quantizers
-    from adfq_lightning.reconstruction import Reconstructor
-    from adfq_lightning.zoo import create_reference_model
 
-    calib_u8, val_u8, labels = calibration_and_validation(1024, num_val, seed)
-    float_model = create_reference_model(model_name, pretrained=True).eval()
-    transform = cifar10_eval_transform(timm.data.resolve_data_config(model=float_model))
-    val, images = transform(val_u8), transform(calib_u8)
-
-    @torch.no_grad()
-    def logits_of(model) -> torch.Tensor:
-        return torch.cat([model(val[i : i + 500]) for i in range(0, len(val), 500)])
-
-    fp = logits_of(float_model)
+    float_model, images, val, labels = reference_model_and_images(model_name, 1024, num_val, seed)
+    fp = logits_on(float_model, val)
     kl, top1, correct = {}, {}, {}
     for label, (preset, changes) in METHODS.items():
-        model = copy.deepcopy(float_model)
-        config = ADFQConfig.preset(preset, w_bits=bits, a_bits=bits, seed=seed, **changes)
-        prepare(model, config)
-        Reconstructor(model, config, images, torch.arange(len(images)), len(images)).run()
+        model = quantized_copy(float_model, preset, bits, seed, images, **changes)
         quantizers = [(q, "weights" if isinstance(q, AdaRoundQuantizer) else q.role) for q in outermost_quantizers(model)]
         kl[label], top1[label] = {}, {}
         for kind in ["all", "weights", "activations"] + sorted({k for _, k in quantizers} - {"weights"}):
             for q, k in quantizers:
                 q.enabled = kind == "all" or k == kind or (kind == "activations" and k != "weights")
-            logits = logits_of(model)
+            logits = logits_on(model, val)
             kl[label][kind] = kl_to_fp(logits, fp)
             hits = logits.argmax(1) == labels
             top1[label][kind] = float(hits.float().mean()) * 100

@@ -18,12 +18,11 @@ import shlex
 import sys
 
 from harness import REPO, load_results, logits_on, quantized_copy, reference_model_and_images, save_results
+from report import BITS_PRESETS, LABELS
 
 from adfq_lightning.io import atomic_write
 
 METHOD = "adfq_init"
-LABELS = {"adfq_init": "ADFQ without reconstruction", "percentile": "Percentile (per-tensor)",
-          "minmax": "MinMax (per-tensor)"}
 
 
 def pack(hits) -> str:
@@ -37,13 +36,17 @@ def unpack(bits: str):
     return torch.tensor([c == "1" for c in bits])
 
 
-def run_seed(model_name: str, bits: int, seed: int, baseline: str, num_val: int) -> dict:
-    """Per-image correctness of FP32, ADFQ without reconstruction and the baseline, calibrated on ``seed``'s images."""
-    float_model, images, val, labels = reference_model_and_images(model_name, 1024, num_val, seed)
-    hits = {"fp": logits_on(float_model, val).argmax(1) == labels}
-    for preset in (METHOD, baseline):
-        hits[preset] = logits_on(quantized_copy(float_model, preset, bits, seed, images), val).argmax(1) == labels
-    return {"seed": seed, **{name: pack(h) for name, h in hits.items()}}
+def run_seed(record: dict, seed: int) -> None:
+    """Add to ``record`` the per-image correctness of ADFQ without reconstruction and the baseline, both calibrated
+    on ``seed``'s images, and FP32's if it has none yet (one model, one validation set: the same for every seed)."""
+    float_model, images, val, labels = reference_model_and_images(record["model"], 1024, record["num_val"], seed)
+    if "fp" not in record:
+        record["fp"] = pack(logits_on(float_model, val).argmax(1) == labels)
+    run = {"seed": seed}
+    for preset in (METHOD, record["baseline"]):
+        model = quantized_copy(float_model, preset, record["bits"], seed, images)
+        run[preset] = pack(logits_on(model, val).argmax(1) == labels)
+    record["runs"].append(run)
 
 
 def bootstrap(diff, resamples: int, generator) -> "torch.Tensor":
@@ -66,7 +69,7 @@ def report(record: dict, resamples: int) -> list[str]:
     baseline, runs = record["baseline"], sorted(record["runs"], key=lambda r: r["seed"])
     ours = torch.stack([unpack(r[METHOD]) for r in runs]).double()
     theirs = torch.stack([unpack(r[baseline]) for r in runs]).double()
-    fp = unpack(runs[0]["fp"]).double()  # the same for every seed: one model, one validation set
+    fp = unpack(record["fp"]).double()
     diff = (ours - theirs) * 100
     per_seed = diff.mean(1).tolist()
     observed = statistics.mean(per_seed)
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="deit_cifar")
     p.add_argument("--bits", type=int, default=6)
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    p.add_argument("--baseline", default="percentile", choices=sorted(set(LABELS) - {METHOD}))
+    p.add_argument("--baseline", default="percentile", choices=[p for p in BITS_PRESETS if p != METHOD])
     p.add_argument("--num-val", type=int, default=5000)
     p.add_argument("--resamples", type=int, default=10000)
     p.add_argument("--report-only", action="store_true", help="render the results file's seeds, run nothing")
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
         done = {r["seed"] for r in record["runs"]}
         for seed in args.seeds:
             if seed not in done:
-                record["runs"].append(run_seed(args.model, args.bits, seed, args.baseline, args.num_val))
+                run_seed(record, seed)
                 save_results(out.with_suffix(".json"), record)
                 print(f"seed {seed} done", flush=True)
     if not record["runs"]:

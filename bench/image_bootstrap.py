@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="deit_cifar")
     p.add_argument("--bits", type=int, default=6)
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    p.add_argument("--baseline", default="percentile", choices=[p for p in BITS_PRESETS if p != METHOD])
+    p.add_argument("--baseline", default="percentile", choices=[preset for preset in BITS_PRESETS if preset != METHOD])
     p.add_argument("--num-val", type=int, default=5000)
     p.add_argument("--resamples", type=int, default=10000)
     p.add_argument("--report-only", action="store_true", help="render the results file's seeds, run nothing")

@@ -88,9 +88,9 @@ def report(model: str, bits: int, short: int, long: int, resamples: int) -> Opti
     commands = sorted({runs[(it, s)]["command"] for it in budgets for s in seeds})
     lines = [f"# §3 on more images: {model} W{bits}A{bits}, {short} against {long} it/module", "", "Produced by:", ""]
     lines += [f"- `{c}`" for c in commands]
-    lines += ["", f"Top-1 % per seed on the 5,000 validation images and on the training-part images no calibration seed "
-              "0-9 draws (the float model was trained on them, the quantizers never saw them). Gains are over the same "
-              "seed's run without reconstruction.", ""]
+    lines += ["", "Top-1 % per seed on the 5,000 validation images and on the training-part images no calibration "
+              "seed 0-9 draws (the float model was trained on them, the quantizers never saw them). Gains are over "
+              "the same seed's run without reconstruction.", ""]
     for name in IMAGE_SETS:
         hits = {it: torch.stack([unpack(runs[(it, s)][name]) for s in seeds]).double() * 100 for it in budgets}
         count = hits[0].shape[1]
@@ -105,8 +105,8 @@ def report(model: str, bits: int, short: int, long: int, resamples: int) -> Opti
         share, low, high = share_interval(hits[0], hits[short], hits[long], resamples)
         mean_gain = [statistics.mean(float((hits[it][k] - hits[0][k]).mean()) for k in range(len(seeds)))
                      for it in (short, long)]
-        lines += ["", f"Mean gain {mean_gain[0]:+.2f} at {short} it and {mean_gain[1]:+.2f} at {long}: {short} it reach "
-                  f"**{share * 100:.0f} %** of the {long}-it gain; 95 % interval over seeds and images resampled "
+        lines += ["", f"Mean gain {mean_gain[0]:+.2f} at {short} it and {mean_gain[1]:+.2f} at {long}: {short} it "
+                  f"reach **{share * 100:.0f} %** of the {long}-it gain; 95 % interval over seeds and images resampled "
                   f"together ({resamples} times) {low * 100:.0f} to {high * 100:.0f} %.", ""]
     return lines
 

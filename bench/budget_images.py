@@ -19,7 +19,7 @@ import sys
 from typing import Optional
 
 from harness import REPO, logits_on, quantized_copy, reference_model_and_images
-from image_bootstrap import NUM_CALIB, pack, unpack, unseen_training_images
+from image_bootstrap import CALIBRATION_SEEDS, NUM_CALIB, pack, unpack, unseen_training_images
 
 from adfq_lightning.io import atomic_write
 
@@ -37,12 +37,7 @@ def run(model: str, bits: int, iters: int, seed: int, scored: dict, command: str
     both image sets, and FP32's once. ``scored`` caches the images across runs of one command."""
     float_model, images, val, val_labels = reference_model_and_images(model, NUM_CALIB, 5000, seed)
     if not scored:
-        import timm.data
-
-        from adfq_lightning.data import cifar10_eval_transform
-
-        transform = cifar10_eval_transform(timm.data.resolve_data_config(model=float_model))
-        scored.update(val=(val, val_labels), train=unseen_training_images(transform))
+        scored.update(val=(val, val_labels), train=unseen_training_images(float_model))
     fp_path = RUNS / f"{model}_fp.json"
     if not fp_path.is_file():
         hits = {name: pack(logits_on(float_model, x).argmax(1) == y) for name, (x, y) in scored.items()}
@@ -123,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true", help="render the runs already made, run nothing")
     args = p.parse_args(argv)
     if not args.report_only:
-        if not set(args.seeds) <= set(range(10)):
+        if not set(args.seeds) <= set(CALIBRATION_SEEDS):
             p.error("the training-part images left out are those seeds 0-9 calibrate on: pass seeds from 0-9.")
         RUNS.mkdir(parents=True, exist_ok=True)
         command = shlex.join(["python", "bench/budget_images.py", *(argv if argv is not None else sys.argv[1:])])

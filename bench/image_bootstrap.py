@@ -44,11 +44,16 @@ def unpack(bits: str):
     return torch.tensor([c == "1" for c in bits])
 
 
-def unseen_training_images(transform):
-    """The training part's images that no seed in ``CALIBRATION_SEEDS`` calibrates on, transformed, and their labels."""
+def unseen_training_images(float_model):
+    """The training part's images that no seed in ``CALIBRATION_SEEDS`` calibrates on, transformed for
+    ``float_model``, and their labels."""
+    import timm.data
     import torch
 
-    from adfq_lightning.data import DEFAULT_ARCHIVE, calibration_indices, decode_image_folder, split_indices
+    from adfq_lightning.data import (DEFAULT_ARCHIVE, calibration_indices, cifar10_eval_transform,
+                                     decode_image_folder, split_indices)
+
+    transform = cifar10_eval_transform(timm.data.resolve_data_config(model=float_model))
 
     data = decode_image_folder(DEFAULT_ARCHIVE)
     train_idx, _ = split_indices(data.labels)
@@ -66,12 +71,7 @@ def run_seed(record: dict, seed: int, scored: dict) -> None:
                                                                                record["num_val"], seed)
     if record["images"] == "train":
         if not scored:
-            import timm.data
-
-            from adfq_lightning.data import cifar10_eval_transform
-
-            transform = cifar10_eval_transform(timm.data.resolve_data_config(model=float_model))
-            scored["images"], scored["labels"] = unseen_training_images(transform)
+            scored["images"], scored["labels"] = unseen_training_images(float_model)
         eval_images, eval_labels = scored["images"], scored["labels"]
     if "fp" not in record:
         record["fp"] = pack(logits_on(float_model, eval_images).argmax(1) == eval_labels)
@@ -157,8 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true", help="render the results file's seeds, run nothing")
     args = p.parse_args(argv)
     if args.images == "train" and not set(args.seeds) <= set(CALIBRATION_SEEDS):
-        p.error(f"--images train scores images that no seed in {CALIBRATION_SEEDS.start}-{CALIBRATION_SEEDS.stop - 1} "
-                "calibrates on: pass seeds from that range.")
+        seeds = f"{CALIBRATION_SEEDS.start}-{CALIBRATION_SEEDS.stop - 1}"
+        p.error(f"--images train scores images that no seed in {seeds} calibrates on: pass seeds from that range.")
     suffix = "_train" if args.images == "train" else ""
     out = REPO / "bench" / "results" / f"image_bootstrap_{args.model}_w{args.bits}_{args.baseline}{suffix}"
     record = load_results(out.with_suffix(".json"))

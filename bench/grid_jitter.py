@@ -26,7 +26,8 @@ from adfq_lightning.io import atomic_write
 
 
 def jittered_steps(model, names: list, epsilon: float, draw: int) -> None:
-    """Scale the step sizes of the quantizers at ``names`` by 1 ± ``epsilon``, one random sign per quantizer."""
+    """Scale the step sizes of the quantizers at ``names`` by 1 ± ``epsilon``, one random sign per quantizer (the
+    signs depend on ``draw`` alone, so a draw jitters every seed's model the same way)."""
     import torch
 
     signs = torch.randint(0, 2, (len(names),), generator=torch.Generator().manual_seed(draw)) * 2 - 1
@@ -46,7 +47,11 @@ def run_seed(record: dict, path, seed: int, draws: int, scored: dict) -> None:
     model = quantized_copy(float_model, METHOD, record["bits"], seed, images)
     if "unperturbed" not in runs:
         runs["unperturbed"] = pack(logits_on(model, x).argmax(1) == y)
-    names = quantizers_by_kind(model)[record["role"]]
+    kinds = quantizers_by_kind(model)
+    if record["role"] not in set(kinds) - {"weights"}:
+        raise SystemExit(f"--role {record['role']}: {record['model']} has no such activation quantizers; pass one of "
+                         f"{sorted(set(kinds) - {'weights'})}.")
+    names = kinds[record["role"]]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for draw in range(draws):
         if str(draw) not in runs:
@@ -61,7 +66,7 @@ def report(record: dict) -> list[str]:
     changes, lines = [], []
     for seed, runs in sorted(record["runs"].items(), key=lambda kv: int(kv[0])):
         base = unpack(runs["unperturbed"]).double()
-        for draw, hits in sorted((k, v) for k, v in runs.items() if k != "unperturbed"):
+        for draw, hits in sorted(((k, v) for k, v in runs.items() if k != "unperturbed"), key=lambda kv: int(kv[0])):
             jittered = unpack(hits).double()
             change = float((jittered - base).mean()) * 100
             changes.append(change)

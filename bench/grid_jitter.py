@@ -45,13 +45,13 @@ def run_seed(record: dict, path, seed: int, draws: int, scored: dict) -> None:
     x, y = scored["images"], scored["labels"]
     runs = record["runs"].setdefault(str(seed), {})
     model = quantized_copy(float_model, METHOD, record["bits"], seed, images)
-    if "unperturbed" not in runs:
-        runs["unperturbed"] = pack(logits_on(model, x).argmax(1) == y)
     kinds = quantizers_by_kind(model)
     if record["role"] not in set(kinds) - {"weights"}:
         raise SystemExit(f"--role {record['role']}: {record['model']} has no such activation quantizers; pass one of "
                          f"{sorted(set(kinds) - {'weights'})}.")
     names = kinds[record["role"]]
+    if "unperturbed" not in runs:
+        runs["unperturbed"] = pack(logits_on(model, x).argmax(1) == y)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for draw in range(draws):
         if str(draw) not in runs:

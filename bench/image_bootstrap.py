@@ -94,6 +94,22 @@ def bootstrap(diff, resamples: int, generator) -> "torch.Tensor":
     return means
 
 
+def seed_standard_error(per_seed: list) -> float:
+    """Standard error of the mean of one value per seed (nan for a single seed)."""
+    import statistics
+
+    return statistics.stdev(per_seed) / len(per_seed) ** 0.5 if len(per_seed) > 1 else float("nan")
+
+
+def bootstrap_interval(diff, resamples: int):
+    """95 % interval of ``diff``'s mean (seeds x images) over seeds and images resampled together, and the means."""
+    import torch
+
+    means = bootstrap(diff, resamples, torch.Generator().manual_seed(0))
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high, means
+
+
 def report(record: dict, resamples: int) -> list[str]:
     import statistics
 
@@ -106,9 +122,8 @@ def report(record: dict, resamples: int) -> list[str]:
     diff = (ours - theirs) * 100
     per_seed = diff.mean(1).tolist()
     observed = statistics.mean(per_seed)
-    seed_se = statistics.stdev(per_seed) / len(per_seed) ** 0.5 if len(per_seed) > 1 else float("nan")
-    means = bootstrap(diff, resamples, torch.Generator().manual_seed(0))
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    seed_se = seed_standard_error(per_seed)
+    low, high, means = bootstrap_interval(diff, resamples)
     image_only = bootstrap(diff.mean(0, keepdim=True), resamples, torch.Generator().manual_seed(1))
     discordant = (ours != theirs)
     ever, most = int(discordant.any(0).sum()), int((discordant.double().mean(0) > 0.5).sum())

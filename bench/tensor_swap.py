@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 
 from harness import REPO, logits_on, quantized_copy, reference_model_and_images
-from image_bootstrap import CALIBRATION_SEEDS, NUM_CALIB, bootstrap, pack, unpack, unseen_training_images
+from image_bootstrap import (CALIBRATION_SEEDS, NUM_CALIB, bootstrap_interval, pack, seed_standard_error, unpack,
+                             unseen_training_images)
 
 from adfq_lightning.io import atomic_write
 
@@ -150,15 +150,11 @@ def report(model_name: str, bits: int, resamples: int) -> list[str]:
 
 def seed_se(diff) -> float:
     """Standard error over seeds of the mean difference (percentage points); ``diff`` is seeds x images."""
-    per_seed = (diff.mean(1) * 100).tolist()
-    return statistics.stdev(per_seed) / len(per_seed) ** 0.5 if len(per_seed) > 1 else float("nan")
+    return seed_standard_error((diff.mean(1) * 100).tolist())
 
 
 def interval(diff, resamples: int) -> str:
-    import torch
-
-    means = bootstrap(diff * 100, resamples, torch.Generator().manual_seed(0))
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    low, high, _ = bootstrap_interval(diff * 100, resamples)
     return f"{low:+.2f} to {high:+.2f}"
 
 

@@ -22,6 +22,7 @@ import argparse
 import json
 import shlex
 import sys
+from typing import NamedTuple
 
 from harness import REPO, load_results, logits_on, quantized_copy, reference_model_and_images, save_results
 from report import BITS_PRESETS, LABELS
@@ -44,23 +45,40 @@ def unpack(bits: str):
     return torch.tensor([c == "1" for c in bits])
 
 
+class ScoringSplit(NamedTuple):
+    """The decoded archive and, as index tensors into it: the training part, the validation images, the images
+    seeds in ``CALIBRATION_SEEDS`` calibrate on (``drawn``, with repeats) and the training part's others
+    (``unseen``)."""
+
+    data: object
+    train: object
+    val: object
+    drawn: object
+    unseen: object
+
+
+def scoring_split() -> ScoringSplit:
+    import torch
+
+    from adfq_lightning.data import DEFAULT_ARCHIVE, calibration_indices, decode_image_folder, split_indices
+
+    data = decode_image_folder(DEFAULT_ARCHIVE)
+    train_idx, val_idx = split_indices(data.labels)
+    drawn = torch.cat([calibration_indices(data.labels, NUM_CALIB, seed, candidates=train_idx)
+                       for seed in CALIBRATION_SEEDS])
+    return ScoringSplit(data, train_idx, val_idx, drawn, train_idx[~torch.isin(train_idx, drawn)])
+
+
 def unseen_training_images(float_model):
     """The training part's images that no seed in ``CALIBRATION_SEEDS`` calibrates on, transformed for
     ``float_model``, and their labels."""
     import timm.data
-    import torch
 
-    from adfq_lightning.data import (DEFAULT_ARCHIVE, calibration_indices, cifar10_eval_transform,
-                                     decode_image_folder, split_indices)
+    from adfq_lightning.data import cifar10_eval_transform
 
     transform = cifar10_eval_transform(timm.data.resolve_data_config(model=float_model))
-
-    data = decode_image_folder(DEFAULT_ARCHIVE)
-    train_idx, _ = split_indices(data.labels)
-    calibrated = torch.cat([calibration_indices(data.labels, NUM_CALIB, seed, candidates=train_idx)
-                            for seed in CALIBRATION_SEEDS])
-    keep = train_idx[~torch.isin(train_idx, calibrated)]
-    return transform(data.images[keep]), data.labels[keep]
+    split = scoring_split()
+    return transform(split.data.images[split.unseen]), split.data.labels[split.unseen]
 
 
 def run_seed(record: dict, seed: int, scored: dict) -> None:
@@ -131,7 +149,8 @@ def report(record: dict, resamples: int) -> list[str]:
     lines = [f"# {a} against {b}, image by image: {record['model']} W{record['bits']}A{record['bits']}", "",
              "Produced by:", ""] + [f"- `{c}`" for c in record["commands"]] + [
              "", f"Top-1 % on {scored_images(record, diff.shape[1])} (FP32 {fp.mean() * 100:.2f}); each seed "
-             "calibrates both methods on its own 1,024 images. *Right alone*: images exactly one of the two gets right.",
+             "calibrates both methods on its own 1,024 images. *Right alone*: images exactly one of the two gets "
+             "right.",
              "", f"| seed | {a} | {b} | difference | {a} right alone | {b} right alone |",
              "|---:|---:|---:|---:|---:|---:|"]
     for r, o, t, d in zip(runs, ours, theirs, per_seed):

@@ -21,8 +21,8 @@ import shlex
 import sys
 
 from harness import REPO, logits_on, quantized_copy, reference_model_and_images
-from image_bootstrap import (CALIBRATION_SEEDS, NUM_CALIB, bootstrap_interval, pack, seed_standard_error, unpack,
-                             unseen_training_images)
+from image_bootstrap import (CALIBRATION_SEEDS, NUM_CALIB, bootstrap_interval, pack, scoring_split,
+                             seed_standard_error, unpack, unseen_training_images)
 
 from adfq_lightning.io import atomic_write
 
@@ -145,6 +145,20 @@ def report(model_name: str, bits: int, resamples: int) -> list[str]:
         share = f"{change / gap * 100:.0f} %" if gap else "–"
         lines.append(f"| ADFQ, {kind} swapped | {swap.mean() * 100:.2f} | {change:+.2f} | {seed_se(swap - ours):.2f} "
                      f"| {interval(swap - ours, resamples)} | {share} |")
+    return lines + [""] + class_table(ours, {"Percentile": theirs, **hits})
+
+
+def class_table(ours, others: dict) -> list[str]:
+    """Each variant's change against ADFQ within each class's images (mean over seeds): what a swap trades between
+    classes, which its net change over all images hides."""
+    split = scoring_split()
+    labels, classes = split.data.labels[split.unseen], split.data.classes
+    lines = ["Change within each class's images (Top-1 points, mean over the seeds):", "",
+             "| class | " + " | ".join(others) + " |", "|---|" + "---:|" * len(others)]
+    for c, name in enumerate(classes):
+        k = labels == c
+        lines.append(f"| {name} | " + " | ".join(f"{float((v[:, k] - ours[:, k]).mean()) * 100:+.2f}"
+                                               for v in others.values()) + " |")
     return lines
 
 

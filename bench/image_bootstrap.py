@@ -58,6 +58,7 @@ class ScoringSplit(NamedTuple):
 
 
 def scoring_split() -> ScoringSplit:
+    """Decode the archive (cached) and split it as every scoring script here does."""
     import torch
 
     from adfq_lightning.data import DEFAULT_ARCHIVE, calibration_indices, decode_image_folder, split_indices

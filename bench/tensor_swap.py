@@ -9,7 +9,8 @@ images' Top-1 by more than the gap in question). A swap that gives back the gap 
 uniform grids only), calibrating on the first seed and scoring nothing.
 
 One file per seed in ``bench/results/tensor_swap/`` (resumable; two commands with disjoint seeds can go side by
-side); ``--report-only`` renders ``tensor_swap_<model>_w<bits>.md`` from the seeds there. A seed is two calibrations
+side); ``--report-only`` renders ``tensor_swap_<model>_w<bits>.md`` from the seeds there, with each swap's change
+class by class as well. A seed is two calibrations
 and one pass over the images per swap: about half an hour on one core for DeiT.
 """
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from harness import REPO, kl_to_fp, logits_on, quantized_copy
 from image_bootstrap import CALIBRATION_SEEDS, NUM_CALIB, bootstrap_interval, scoring_split, seed_standard_error
-from report import BITS_PRESETS, LABELS
+from report import BITS_PRESETS, LABELS, cell
 
 from adfq_lightning.io import atomic_write
 
@@ -135,12 +135,6 @@ def load_runs(out: Path) -> dict:
     return runs
 
 
-def mean_std(values: list) -> str:
-    import statistics
-
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
-
-
 class Pairing(NamedTuple):
     """ADFQ under one variant and the better baseline on the seeds where all three methods ran, as per-image
     correctness on the training-part images (seeds x images), with both sides' runs by seed."""
@@ -215,18 +209,18 @@ def report(runs: dict, resamples: int, commands: list) -> list[str]:
              f"seed standard error and a 95 % interval resampling seeds and images together ({resamples} times); the "
              "last column is the same gap on validation, ± its seed standard error.", ""]
     for model, bits in sorted({(r["model"], r["bits"]) for r in runs.values()}):
-        cell = [r for r in runs.values() if (r["model"], r["bits"]) == (model, bits)]
+        group = [r for r in runs.values() if (r["model"], r["bits"]) == (model, bits)]
         lines += [f"## {model} W{bits}A{bits}", "",
                   "| method | variant | seeds | val Top-1 | train Top-1 | train agreement | train KL |",
                   "|---|---|---:|---:|---:|---:|---:|"]
-        for preset, variant in sorted({(r["preset"], r["variant"]) for r in cell},
+        for preset, variant in sorted({(r["preset"], r["variant"]) for r in group},
                                       key=lambda pv: (BITS_PRESETS.index(pv[0]), pv[1] != "default", pv[1])):
-            rs = [r for r in cell if (r["preset"], r["variant"]) == (preset, variant)]
-            lines.append(f"| {LABELS[preset]} | {variant} | {len(rs)} | {mean_std([r['val']['top1'] for r in rs])} | "
-                         f"{mean_std([r['train']['top1'] for r in rs])} | "
-                         f"{mean_std([r['train']['agreement'] for r in rs])} | "
+            rs = [r for r in group if (r["preset"], r["variant"]) == (preset, variant)]
+            lines.append(f"| {LABELS[preset]} | {variant} | {len(rs)} | {cell([r['val']['top1'] for r in rs])} | "
+                         f"{cell([r['train']['top1'] for r in rs])} | "
+                         f"{cell([r['train']['agreement'] for r in rs])} | "
                          f"{sum(r['train']['kl_to_fp'] for r in rs) / len(rs):.4f} |")
-        variants = sorted({r["variant"] for r in cell if r["preset"] == METHOD})
+        variants = sorted({r["variant"] for r in group if r["preset"] == METHOD})
         pairs = {v: pair for v in variants if (pair := pairing(runs, model, bits, v)) is not None}
         if pairs:
             lines += ["", "| ADFQ variant | against | seeds | gap, train | seed SE | 95 % interval | gap, val |",

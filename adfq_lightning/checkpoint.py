@@ -11,6 +11,7 @@ from torch import nn
 from .api import is_converted, prepare
 from .config import ADFQConfig
 from .io import atomic_torch_save
+from .modules import QuantLinear
 from .quantizers import Quantizer
 
 __all__ = ["RECIPE_FIELDS", "load_quantized", "recipe_differences", "save_quantized"]
@@ -104,7 +105,9 @@ def load_quantized(model: nn.Module, path: Union[str, Path], model_name: str = "
                              f"({'; '.join(wrong[:3])}): load the file into a float model.")
     prepare(model, saved)
     keys = set(model.state_dict())
-    missing, unexpected = sorted(keys - set(state)), sorted(set(state) - keys)
+    corrections = {f"{name}.bias_correction" for name, m in model.named_modules()  # saved only where corrected
+                   if isinstance(m, QuantLinear) and m.bias is not None}
+    missing, unexpected = sorted(keys - set(state)), sorted(set(state) - keys - corrections)
     if missing or unexpected:
         raise ValueError(f"{path} does not match this model (missing {missing[:3]}..., unexpected {unexpected[:3]}...): "
                          f"it was saved for another architecture or bit-width.")

@@ -88,6 +88,10 @@ class ADFQConfig:
         holdout: fraction of the calibration images kept out of the reconstruction updates; the output error
             before and after reconstruction is measured on them.
         safeguard: a module whose held-out error got worse keeps its pre-reconstruction state.
+        bias_correction: after each module is calibrated (and reconstructed), shift the output of each of its
+            Linear layers with a bias, layer after layer, so that its mean over the calibration images and tokens
+            is the float model's (empirical bias correction, Nagel et al. 2019). Stored apart from the float bias
+            (``QuantLinear.bias_correction``), kept only where it lowers the module's held-out error.
         cache_device: where the calibration cache lives (``cpu`` or an accelerator); None = model's device. A CPU
             cache feeding a GPU is pinned and copied asynchronously.
         cache_dtype: storage dtype of the cache: ``float16``/``bfloat16`` halve its memory; every computation
@@ -134,6 +138,7 @@ class ADFQConfig:
     harden_at: float = 1.0
     holdout: float = 0.1
     safeguard: bool = True
+    bias_correction: bool = False
     cache_device: Optional[str] = None
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     cuda_graphs: bool = True

@@ -153,8 +153,8 @@ class Pairing(NamedTuple):
 
 
 def pairing(runs: dict, model: str, bits: int, variant: str) -> Pairing | None:
-    """ADFQ under ``variant`` against the better baseline (by training-part Top-1), under the same variant name if the
-    baselines ran it, else ``default``; None below two common seeds."""
+    """ADFQ under ``variant`` against the better of the baselines that ran (by training-part Top-1), under the same
+    variant name if they ran it, else ``default``; None below two common seeds."""
     import statistics
 
     def by_seed(preset: str, name: str) -> dict:
@@ -162,12 +162,13 @@ def pairing(runs: dict, model: str, bits: int, variant: str) -> Pairing | None:
                 if (r["model"], r["bits"], r["preset"], r["variant"]) == (model, bits, preset, name)}
 
     ours = by_seed(METHOD, variant)
-    against = variant if all(by_seed(p, variant) for p in BASELINES) else "default"
-    theirs = {p: by_seed(p, against) for p in BASELINES}
-    seeds = sorted(set(ours).intersection(*theirs.values()))
+    ran = [p for p in BASELINES if by_seed(p, "default")]
+    against = variant if all(by_seed(p, variant) for p in ran) else "default"
+    theirs = {p: by_seed(p, against) for p in ran}
+    seeds = sorted(set(ours).intersection(*theirs.values())) if theirs else []
     if len(seeds) < 2:
         return None
-    baseline = max(BASELINES, key=lambda p: statistics.mean(theirs[p][s]["train"]["top1"] for s in seeds))
+    baseline = max(ran, key=lambda p: statistics.mean(theirs[p][s]["train"]["top1"] for s in seeds))
     return Pairing(seeds, baseline, against, ours, theirs[baseline])
 
 
@@ -183,12 +184,13 @@ def gap_line(pair: Pairing, variant: str, resamples: int) -> str:
             f"{high:+.2f} | {statistics.mean(val_gap):+.2f} ± {seed_standard_error(val_gap):.2f} |")
 
 
-def class_trades(pair: Pairing, labels, classes: list) -> list[str]:
-    """The default configs' gap class by class, on the first and the second half of the seeds separately: a
+def class_trades(pair: Pairing, variant: str, labels, classes: list) -> list[str]:
+    """ADFQ's gap under ``variant`` class by class, on the first and the second half of the seeds separately: a
     difference that repeats in both halves is the methods' own preference between classes, not calibration luck."""
     diff = (pair.hits("ours") - pair.hits("theirs")) * 100
     half = len(pair.seeds) // 2
-    lines = [f"ADFQ minus {LABELS[pair.baseline]} class by class (Top-1 within the class's training-part images), "
+    lines = [f"ADFQ ({variant}) minus {LABELS[pair.baseline]} ({pair.against}) class by class (Top-1 within the "
+             "class's training-part images), "
              f"seeds {pair.seeds[0]}-{pair.seeds[half - 1]} / seeds {pair.seeds[half]}-{pair.seeds[-1]}:", "",
              "| class | images | first half | second half |", "|---:|---:|---:|---:|"]
     for c in labels.unique().tolist():
@@ -226,8 +228,9 @@ def report(runs: dict, resamples: int, commands: list) -> list[str]:
             lines += ["", "| ADFQ variant | against | seeds | gap, train | seed SE | 95 % interval | gap, val |",
                       "|---|---|---:|---:|---:|---:|---:|"] + [gap_line(p, v, resamples) for v, p in pairs.items()]
         lines.append("")
-        if "default" in pairs and len(pairs["default"].seeds) >= 4:
-            lines += class_trades(pairs["default"], labels, split.data.classes)
+        for variant, pair in pairs.items():
+            if len(pair.seeds) >= 4:
+                lines += class_trades(pair, variant, labels, split.data.classes)
     return lines
 
 
@@ -238,6 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(5)))
     p.add_argument("--variants", nargs="+", default=["default={}"], help="ADFQ's variants, NAME=JSON")
     p.add_argument("--baseline-variants", nargs="+", default=["default={}"], help="MinMax's and Percentile's")
+    p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=BASELINES,
+                   help="which baselines run (the report compares with the better of those run)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="seeds calibrated at a time, each in its own process")
     p.add_argument("--time-budget", type=float, help="seconds after which no further run starts")
@@ -254,7 +259,7 @@ def main(argv=None) -> int:
             f.write(command + "\n")
         done = set(load_runs(args.out))
         wanted = [(METHOD, name, changes) for name, changes in ours.items()] + [
-                  (preset, name, changes) for preset in BASELINES for name, changes in theirs.items()]
+                  (preset, name, changes) for preset in args.baselines for name, changes in theirs.items()]
         tasks = [(model, seed, cells) for seed in args.seeds for model in args.models
                  if (cells := [(preset, name, changes, bits) for bits in args.bits for preset, name, changes in wanted
                                if run_key(model, preset, name, bits, seed) not in done])]

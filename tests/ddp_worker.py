@@ -31,8 +31,9 @@ TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, n
 # 23 calibration and 21 validation images over 2 ranks: DistributedSampler pads each with one duplicate
 N_CALIB, N_VAL = 23, 21
 CONFIG = dict(iters=4, batch_size=8, init_samples=12)
-# batch_size 3 over 2 ranks: some iterations draw no sample of one rank's shard (it still joins the all-reduce)
-CALLBACK_CONFIG = dict(iters=4, batch_size=3, init_samples=12)
+# batch_size 3 over 2 ranks: some iterations draw no sample of one rank's shard (it still joins the all-reduce);
+# bias correction's mean outputs are summed over the ranks' shards too
+CALLBACK_CONFIG = dict(iters=4, batch_size=3, init_samples=12, bias_correction=True)
 
 
 def images(n: int, seed: int) -> torch.Tensor:

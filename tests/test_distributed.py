@@ -123,6 +123,8 @@ def test_ddp_quantizer_state_and_outputs_equal_one_process(runs, path):
     assert_state_dicts_match(r["rank0"]["state_dict"], r["rank1"]["state_dict"], rtol=0)  # ranks agree exactly
     assert_state_dicts_match(r["one"]["state_dict"], r["rank0"]["state_dict"], rtol=RTOL)
     assert any(k.endswith("input_quantizer.scale") for k in r["one"]["state_dict"])  # the learned step sizes
+    if path == "callback":  # its config corrects biases: from means over both ranks' shards
+        assert any(k.endswith("bias_correction") for k in r["one"]["state_dict"])
     assert torch.equal(r["rank0"]["logits"], r["rank1"]["logits"])
     assert_close_rel(r["one"]["logits"], r["rank0"]["logits"])
     # per-module errors are global (all-reduced) values; the cache a rank holds is its shard: about half

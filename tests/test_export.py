@@ -31,6 +31,7 @@ CONFIGS = {
     "adfq_w4a4": ADFQConfig(iters=3, batch_size=4, init_samples=8, act_family="log"),  # the log grids, always
     "minmax_w3a3": ADFQConfig.preset("minmax", w_bits=3, a_bits=3),
     "adfq_w8a8": ADFQConfig(w_bits=8, a_bits=8, reconstruct=False, init_samples=8),
+    "adfq_w4a4_bias_corrected": ADFQConfig(reconstruct=False, init_samples=8, bias_correction=True),
 }
 
 
@@ -67,7 +68,8 @@ def test_deployed_model_reproduces_the_fake_quant_model(arch, name):
     assert torch.equal(outputs(deployed, x), outputs(model, x))
 
 
-@pytest.mark.parametrize("name", ["adfq_w4a4", "adfq_w8a8"])  # log grids / the uniform grids chosen at 8 bits
+@pytest.mark.parametrize("name", ["adfq_w4a4", "adfq_w8a8", "adfq_w4a4_bias_corrected"])  # log grids / the uniform
+# grids chosen at 8 bits / corrected biases (folded into the deployed bias)
 def test_safetensors_artifact_round_trip_is_exact_and_small(arch, name, tmp_path):
     model, config = quantized(arch, name)
     path = export_quantized(model, tmp_path / "q.safetensors", config, model_name=f"tiny_{arch}")

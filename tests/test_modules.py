@@ -111,9 +111,10 @@ def test_state_dict_round_trip(tiny_model, make_tiny, arch, images, more_images)
 
 
 def test_save_and_load_quantized(tiny_model, make_tiny, arch, images, more_images, tmp_path):
-    config = W4A4.replace(w_bits=3, overrides={"head*": {"w_bits": 6}})
+    config = W4A4.replace(w_bits=3, overrides={"head*": {"w_bits": 6}}, bias_correction=True)
     quantize(tiny_model, images, config)
     expected = run(tiny_model, more_images)
+    assert any(k.endswith("bias_correction") for k in tiny_model.state_dict())  # travels with the file
     path = tmp_path / "sub" / "q.pt"
     save_quantized(tiny_model, path, config)
 

@@ -49,6 +49,7 @@ W6A6 = W4A4.replace(w_bits=6, a_bits=6)
 def cli_config(root: Path, *extra_callbacks: dict) -> str:
     """A tiny CLI run: 4 stages x 3 iterations, one iteration per training step, a checkpoint after every step
     (a stage is finished at the start of the step after its last iteration: (1, 3) is between two modules).
+    Bias correction is on, so a resume also restores the corrections of the modules already finished.
 
     20 images in batches of 4 make 5 training steps an epoch, so the kills below land mid-epoch.
     """
@@ -67,7 +68,8 @@ def cli_config(root: Path, *extra_callbacks: dict) -> str:
             ],
         },
         "model": {"model": "vit_tiny_patch16_224", "pretrained": False, "model_kwargs": TINY_TIMM_VIT,
-                  "iters_per_step": 1, "config": {"iters": 3, "batch_size": 4, "init_samples": 8}},
+                  "iters_per_step": 1, "config": {"iters": 3, "batch_size": 4, "init_samples": 8,
+                                                  "bias_correction": True}},
         "data": {"class_path": "robust_helpers.RandomImages", "init_args": {"num": 20, "batch_size": 4}},
     }
     (root / "config.in.yaml").write_text(yaml.safe_dump(cfg))
@@ -113,8 +115,9 @@ def test_fit_path_equals_quantize_api(uninterrupted):
     L.seed_everything(0)
     model = create_model("vit_tiny_patch16_224", **TINY_TIMM_VIT)
     images = torch.cat([x for x, _ in RandomImages(num=20).train_dataloader()])
-    quantize(model, images, FAST)
+    quantize(model, images, FAST.replace(bias_correction=True))
     assert_same_state(model.state_dict(), uninterrupted)
+    assert any(k.endswith("bias_correction") for k in uninterrupted)
 
 
 @pytest.mark.parametrize("stage, iteration", [(1, 1), (1, 3)], ids=["inside_a_module", "between_two_modules"])

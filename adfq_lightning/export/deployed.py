@@ -21,6 +21,8 @@ so the deployed model reproduces the fake-quant model's outputs (:mod:`.ops`).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,12 +128,12 @@ class FrozenLog(_Frozen):
 class _IntWeight(_Frozen):
     """Integer weight codes (AdaRound decisions folded in) with per-output-channel scale and zero point."""
 
-    def _init_weight(self, layer: nn.Module) -> None:
+    def _init_weight(self, layer: nn.Module, bias: Optional[torch.Tensor]) -> None:
         self.bits = layer.weight_quantizer.bits
         self.register_buffer("weight_codes", torch.zeros((), dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.ones(()))
         self.register_buffer("weight_zero_point", torch.zeros((), dtype=torch.uint8))
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
         if bool(layer.weight_quantizer.calibrated):
             self.weight_codes, self.weight_scale, self.weight_zero_point = weight_codes(
                 layer.weight_quantizer, layer.weight.detach())
@@ -145,7 +147,7 @@ class IntLinear(_IntWeight):
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self._init_weight(layer)
+        self._init_weight(layer, layer.quantized_bias())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
@@ -157,7 +159,7 @@ class IntConv2d(_IntWeight):
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
         if layer.padding_mode != "zeros":
             raise NotImplementedError(f"padding_mode={layer.padding_mode!r}: only zero padding deploys.")
-        self._init_weight(layer)
+        self._init_weight(layer, layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(self.input_quantizer(x), self.quantized_weight(), self.bias, self.stride, self.padding,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,17 +35,35 @@ class QuantLinear(nn.Linear):
     weight_quantizer: Quantizer
     input_quantizer: Quantizer
 
+    bias_correction: Optional[torch.Tensor]
+
     def __init__(self, linear: nn.Linear, config: ADFQConfig, name: str, role: Role = "input") -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         _attach(self, linear, config, name, role)
+        # set by calibration with config.bias_correction; None (and absent from the state) otherwise
+        self.register_buffer("bias_correction", None)
+        self.register_load_state_dict_pre_hook(_make_room_for_bias_correction)
 
     @classmethod
     def from_float(cls, module: nn.Linear, config: ADFQConfig, name: str, role: Role = "input") -> "QuantLinear":
         return cls(module, config, name, role)
 
+    def quantized_bias(self) -> Optional[torch.Tensor]:
+        """The bias of the quantized layer: the float bias plus the correction, when there is one (only a layer
+        with a bias is corrected, so that a deployed model keeps the float model's set of tensors)."""
+        return self.bias if self.bias_correction is None else self.bias + self.bias_correction
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        bias = self.quantized_bias() if self.weight_quantizer.enabled else self.bias
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), bias)
+
+
+def _make_room_for_bias_correction(layer: QuantLinear, state_dict: dict, prefix: str, *_args) -> None:
+    """A state saved after bias correction fills the (None) buffer of a freshly converted layer."""
+    saved = state_dict.get(prefix + "bias_correction")
+    if saved is not None and layer.bias_correction is None:
+        layer.bias_correction = torch.zeros(layer.out_features, dtype=saved.dtype, device=layer.weight.device)
 
 
 @register(nn.Conv2d)

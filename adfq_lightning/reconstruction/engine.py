@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import LINEAR_INPUT_ROLES, ADFQConfig
 from ..distributed import all_gather_cat, all_reduce_sum, world
-from ..modules import AttentionScores, recording_scores
+from ..modules import AttentionScores, QuantLinear, recording_scores
 from ..quantizers import AdaRoundQuantizer, BestOfQuantizer, PerPatchOutlierQuantizer, Quantizer, calibrating, \
     outermost_quantizers
 from .cuda_graph import TargetCall, graph_target
@@ -445,6 +445,8 @@ class Reconstructor:
             stage.stats["final_error"] = error
         else:  # nothing changed since init_error was measured
             stage.stats["final_error"] = stage.stats["init_error"]
+        if cfg.bias_correction:
+            self._correct_biases()
         self._initial_state = {}
         stage.stats["iters"] = self.iteration
         stage.stats["seconds"] = stage.stats.get("seconds", 0.0) + time.perf_counter() - self._stage_started
@@ -457,6 +459,52 @@ class Reconstructor:
                 p.requires_grad_(flag)
             del self.x_q, self.x_fp
         return stage
+
+    @torch.no_grad()
+    def _correct_biases(self) -> None:
+        """Bias correction (``config.bias_correction``): each Linear of the target, in call order, gets the bias that
+        moves its mean output on the quantized prefix (update images only) to the float model's. The module keeps
+        the corrections only if its held-out error falls."""
+        stage, module = self.current, self.current.module
+        layers = [m for m in module.modules() if isinstance(m, QuantLinear) and m.bias is not None]
+        if not layers:
+            return
+        set_quantization(module, False)
+        float_means = self._output_means(layers, self.t_fp)
+        set_quantization(module, True)
+        for layer, float_mean in zip(layers, float_means):
+            layer.bias_correction = (float_mean - self._output_means([layer], self.t_q)[0]).to(layer.bias.dtype)
+        stage.stats["bias_corrected_error"] = error = self.output_error()
+        stage.stats["bias_corrected"] = error < stage.stats["final_error"]
+        if stage.stats["bias_corrected"]:
+            stage.stats["final_error"] = error
+        else:
+            for layer in layers:
+                layer.bias_correction = None
+
+    def _output_means(self, layers: list[nn.Module], cache: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's output averaged over the update images (all ranks) and tokens while the target runs on
+        ``cache``."""
+        sums = [torch.zeros(layer.out_features, dtype=torch.float64, device=self.device) for layer in layers]
+        counts = torch.zeros(len(layers), dtype=torch.float64, device=self.device)
+
+        def accumulate(i: int):
+            def hook(_layer, _args, out):
+                flat = out.detach().reshape(-1, out.shape[-1]).double()
+                sums[i] += flat.sum(0)
+                counts[i] += flat.shape[0]
+            return hook
+
+        handles = [layer.register_forward_hook(accumulate(i)) for i, layer in enumerate(layers)]
+        try:
+            rows = self.local_row[self.update_ids]
+            for chunk in _batched(rows[rows >= 0].to(cache.device)):
+                self._forward(self.current.module, cache[chunk])
+        finally:
+            for handle in handles:
+                handle.remove()
+        *totals, counts = all_reduce_sum(torch.cat([*sums, counts])).split([*(len(t) for t in sums), len(layers)])
+        return [(total / count).float() for total, count in zip(totals, counts)]
 
     def stage_complete(self) -> bool:
         return not self.config.reconstruct or self.iteration >= self.config.iters

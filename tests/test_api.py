@@ -801,7 +801,7 @@ def test_bias_correction_is_dropped_where_it_does_not_lower_the_held_out_error(m
 
     # an output error that nothing lowers: every module must give its correction back
     monkeypatch.setattr(Reconstructor, "output_error", lambda self, ids=None: 1.0)
-    rec = reconstruct(make_tiny("vit"), more_images[:16], FAST.replace(bias_correction=True))
+    rec = reconstruct(make_tiny("vit"), more_images[:16], FAST.replace(bias_correction=True, batch_size=16))
     assert all(s.stats["bias_corrected"] is False for s in rec.stages if "bias_corrected" in s.stats)
     assert all(m.bias_correction is None for m in rec.model.modules() if isinstance(m, QuantLinear))
     assert not any(k.endswith("bias_correction") for k in rec.model.state_dict())

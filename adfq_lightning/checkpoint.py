@@ -106,7 +106,7 @@ def load_quantized(model: nn.Module, path: Union[str, Path], model_name: str = "
     prepare(model, saved)
     keys = set(model.state_dict())
     corrections = {f"{name}.bias_correction" for name, m in model.named_modules()  # saved only where corrected
-                   if isinstance(m, QuantLinear) and m.bias is not None}
+                   if isinstance(m, QuantLinear) and m.correctable}
     missing, unexpected = sorted(keys - set(state)), sorted(set(state) - keys - corrections)
     if missing or unexpected:
         raise ValueError(f"{path} does not match this model (missing {missing[:3]}..., unexpected {unexpected[:3]}...): "

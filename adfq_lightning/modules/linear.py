@@ -49,9 +49,13 @@ class QuantLinear(nn.Linear):
     def from_float(cls, module: nn.Linear, config: ADFQConfig, name: str, role: Role = "input") -> "QuantLinear":
         return cls(module, config, name, role)
 
+    @property
+    def correctable(self) -> bool:
+        """Only a layer with a bias is bias-corrected, so that a deployed model keeps the float model's tensors."""
+        return self.bias is not None
+
     def quantized_bias(self) -> Optional[torch.Tensor]:
-        """The bias of the quantized layer: the float bias plus the correction, when there is one (only a layer
-        with a bias is corrected, so that a deployed model keeps the float model's set of tensors)."""
+        """The bias of the quantized layer: the float bias plus the correction, when there is one."""
         return self.bias if self.bias_correction is None else self.bias + self.bias_correction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

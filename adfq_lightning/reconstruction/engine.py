@@ -329,13 +329,17 @@ class Reconstructor:
     def _stage_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return _learnable(self.current.module, self.config.learn_steps)
 
+    def _local_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The cache rows of this rank's images among the global sample ``ids`` (on the cache's device)."""
+        rows = self.local_row[ids]
+        return rows[rows >= 0].to(self.cache_device)
+
     @torch.no_grad()
     def output_error(self, ids: Optional[torch.Tensor] = None) -> float:
         """Global mean output error of the current target (no QDrop) over the global sample ``ids``
         (default: the held-out images)."""
         ids = self.heldout_ids if ids is None else ids
-        rows = self.local_row[ids]
-        rows = rows[rows >= 0].to(self.t_q.device)
+        rows = self._local_rows(ids)
         module, total = self.current.module, torch.zeros((), dtype=torch.float64, device=self.device)
         for chunk in _batched(rows):
             out, _ = self._forward(module, self.t_q[chunk])
@@ -466,7 +470,7 @@ class Reconstructor:
         moves its mean output on the quantized prefix (update images only) to the float model's. The module keeps
         the corrections only if its held-out error falls."""
         stage, module = self.current, self.current.module
-        layers = [m for m in module.modules() if isinstance(m, QuantLinear) and m.bias is not None]
+        layers = [m for m in module.modules() if isinstance(m, QuantLinear) and m.correctable]
         if not layers:
             return
         set_quantization(module, False)
@@ -497,8 +501,7 @@ class Reconstructor:
 
         handles = [layer.register_forward_hook(accumulate(i)) for i, layer in enumerate(layers)]
         try:
-            rows = self.local_row[self.update_ids]
-            for chunk in _batched(rows[rows >= 0].to(cache.device)):
+            for chunk in _batched(self._local_rows(self.update_ids)):
                 self._forward(self.current.module, cache[chunk])
         finally:
             for handle in handles:

@@ -91,7 +91,10 @@ class ADFQConfig:
         bias_correction: after each module is calibrated (and reconstructed), shift the output of each of its
             Linear layers with a bias, layer after layer, so that its mean over the calibration images and tokens
             is the float model's (empirical bias correction, Nagel et al. 2019). Stored apart from the float bias
-            (``QuantLinear.bias_correction``), kept only where it lowers the module's held-out error.
+            (``QuantLinear.bias_correction``), kept only where it lowers the module's held-out error. None (the
+            default) corrects ADFQ without reconstruction, where it brings the model closer to FP32 at every
+            measured width, and nothing else: reconstruction already fits each module's mean output, and MinMax
+            and Percentile stay the plain baselines (``corrects_biases``).
         cache_device: where the calibration cache lives (``cpu`` or an accelerator); None = model's device. A CPU
             cache feeding a GPU is pinned and copied asynchronously.
         cache_dtype: storage dtype of the cache: ``float16``/``bfloat16`` halve its memory; every computation
@@ -138,7 +141,7 @@ class ADFQConfig:
     harden_at: float = 1.0
     holdout: float = 0.1
     safeguard: bool = True
-    bias_correction: bool = False
+    bias_correction: Optional[bool] = None
     cache_device: Optional[str] = None
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     cuda_graphs: bool = True
@@ -186,6 +189,13 @@ class ADFQConfig:
             raise ValueError(f"harden_at={self.harden_at!r} must be in (0, 1] (1.0 hardens the rounding at the end).")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout={self.holdout!r} must be in [0, 1) (0.1 keeps a tenth of the images aside).")
+
+    @property
+    def corrects_biases(self) -> bool:
+        """``bias_correction``, or when it is None: on for ADFQ without reconstruction, off otherwise."""
+        if self.bias_correction is not None:
+            return self.bias_correction
+        return self.method == "adfq" and not self.reconstruct
 
     @property
     def effective_rounding_lr(self) -> float:

@@ -20,9 +20,12 @@ LABELS = {"fp": "FP32", "minmax": "MinMax (per-tensor)", "percentile": "Percenti
 EARLIER_TAG = "before_qkv_l2.4"
 #: the generations of the ADFQ runs, newest first, and the suffix of their rows' labels
 GENERATIONS = {"": "", EARLIER_TAG: ", squared-error q/k/v grid (earlier session)"}
+#: The runs of ADFQ without reconstruction made before bias correction became its default (2026-11-29) carry
+#: ``bias_correction: False`` in ``changes``; those of the current generation's bits table, also this tag.
+NO_BIAS_CORRECTION_TAG = "no_bias_correction"
 #: the settings each generation's runs carry in ``changes``: an ablation run (tagged by what it switches off)
 #: belongs to the generation whose settings it has
-GENERATION_CHANGES = {"": {"qkv_error_p": None}, EARLIER_TAG: {"qkv_error_p": 2.0}}
+GENERATION_CHANGES = {"": {"qkv_error_p": None, "bias_correction": None}, EARLIER_TAG: {"qkv_error_p": 2.0}}
 #: the methods without reconstruction, measured at every width
 BITS_PRESETS = ("minmax", "percentile", "adfq_init")
 ABLATION_LABELS = {"no_ppoq": "w/o PPOQ", "no_slq": "w/o SLQ", "no_log_softmax": "w/o log-√2 softmax",
@@ -61,6 +64,9 @@ def accuracy_runs(data: dict) -> list[dict]:
 
 def method_rows(runs: list[dict], model: str, iters: int) -> list[tuple[str, dict]]:
     rows = [(LABELS[m], dict(model=model, preset=m, tag="")) for m in BITS_PRESETS]
+    if select(runs, model=model, preset="adfq_init", tag=NO_BIAS_CORRECTION_TAG):
+        rows.append((LABELS["adfq_init"] + ", without bias correction (before 2026-11-29)",
+                     dict(model=model, preset="adfq_init", tag=NO_BIAS_CORRECTION_TAG)))
     for tag, suffix in GENERATIONS.items():
         if tag and select(runs, model=model, preset="adfq_init", tag=tag):
             rows.append((LABELS["adfq_init"] + suffix, dict(model=model, preset="adfq_init", tag=tag)))
@@ -359,15 +365,16 @@ def fidelity_cell(runs: list[dict]) -> str:
 def fidelity_table(runs: list[dict]) -> list[str]:
     """Distance to the float model, finer than Top-1 where every method ties: per reference model and method
     without reconstruction (the runs every seed of which measured it), across bits."""
-    measured = [r for r in runs if "fp_agreement" in r and r["tag"] == "" and r["preset"] in BITS_PRESETS
-                and not r["model"].endswith("_outliers")]
+    measured = [r for r in runs if "fp_agreement" in r and r["tag"] in ("", NO_BIAS_CORRECTION_TAG)
+                and r["preset"] in BITS_PRESETS and not r["model"].endswith("_outliers")]
     bits = sorted({r["w_bits"] for r in measured})
     lines = ["| model | method | " + " | ".join(f"W{b}A{b}" for b in bits) + " |", "|---|---|" + "---:|" * len(bits)]
     for model in sorted({r["model"] for r in measured}):
-        for preset in BITS_PRESETS:
-            sel = select(measured, model=model, preset=preset)
-            lines.append(f"| {model} | {LABELS[preset]} | " + " | ".join(fidelity_cell(select(sel, w_bits=b)) for b in bits)
-                         + " |")
+        for label, fields in method_rows(measured, model, iters=0):
+            sel = select(measured, **fields)
+            if sel:
+                lines.append(f"| {model} | {label} | " + " | ".join(fidelity_cell(select(sel, w_bits=b)) for b in bits)
+                             + " |")
     return lines if measured else []
 
 
@@ -375,7 +382,7 @@ def qkv_grid_table(runs: list[dict]) -> list[str]:
     """ADFQ without reconstruction with the q/k/v grids searched by the reference's L2.4 error (the default)
     and by the squared error: Top-1 and KL to FP32 at every width measured both ways, on the seeds run both ways
     (paired: the same calibration images)."""
-    l2 = [r for r in runs if r["tag"] == "qkv_l2" and r["preset"] == "adfq_init"]
+    l2 = [r for r in runs if r["tag"] == "qkv_l2" and r["preset"] == "adfq_init" and in_generation(r, "")]
     lines = ["| model | bits | Top-1, L2.4 (default) | Top-1, L2 | Δ Top-1 | KL to FP32, L2.4 | KL to FP32, L2 |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for model, b in sorted({(r["model"], r["w_bits"]) for r in l2}):

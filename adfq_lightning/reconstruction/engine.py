@@ -449,7 +449,7 @@ class Reconstructor:
             stage.stats["final_error"] = error
         else:  # nothing changed since init_error was measured
             stage.stats["final_error"] = stage.stats["init_error"]
-        if cfg.bias_correction:
+        if cfg.corrects_biases:
             self._correct_biases()
         self._initial_state = {}
         stage.stats["iters"] = self.iteration
@@ -466,7 +466,7 @@ class Reconstructor:
 
     @torch.no_grad()
     def _correct_biases(self) -> None:
-        """Bias correction (``config.bias_correction``): each Linear of the target, in call order, gets the bias that
+        """Bias correction (``config.corrects_biases``): each Linear of the target, in call order, gets the bias that
         moves its mean output on the quantized prefix (update images only) to the float model's. The module keeps
         the corrections only if its held-out error falls."""
         stage, module = self.current, self.current.module

@@ -92,9 +92,9 @@ class ADFQConfig:
             Linear layers with a bias, layer after layer, so that its mean over the calibration images and tokens
             is the float model's (empirical bias correction, Nagel et al. 2019). Stored apart from the float bias
             (``QuantLinear.bias_correction``), kept only where it lowers the module's held-out error. None (the
-            default) corrects ADFQ without reconstruction, where it brings the model closer to FP32 at every
-            measured width, and nothing else: reconstruction already fits each module's mean output, and MinMax
-            and Percentile stay the plain baselines (``corrects_biases``).
+            default) corrects ADFQ, with and without reconstruction, and leaves MinMax and Percentile the plain
+            baselines (``corrects_biases``). Where activations carry outlier channels it is worth points of
+            Top-1, even after reconstruction; elsewhere it moves the model closer to FP32 or leaves it as it was.
         cache_device: where the calibration cache lives (``cpu`` or an accelerator); None = model's device. A CPU
             cache feeding a GPU is pinned and copied asynchronously.
         cache_dtype: storage dtype of the cache: ``float16``/``bfloat16`` halve its memory; every computation
@@ -192,10 +192,10 @@ class ADFQConfig:
 
     @property
     def corrects_biases(self) -> bool:
-        """``bias_correction``, or when it is None: on for ADFQ without reconstruction, off otherwise."""
+        """``bias_correction``, or when it is None: on for ADFQ, off for the baselines."""
         if self.bias_correction is not None:
             return self.bias_correction
-        return self.method == "adfq" and not self.reconstruct
+        return self.method == "adfq"
 
     @property
     def effective_rounding_lr(self) -> float:

@@ -18,14 +18,17 @@ LABELS = {"fp": "FP32", "minmax": "MinMax (per-tensor)", "percentile": "Percenti
 #: moved from the squared error to L2.4 (2026-11-27) carry this tag. Reconstruction gains are measured within one
 #: generation: a tag's full ADFQ against the same tag's no-reconstruction runs.
 EARLIER_TAG = "before_qkv_l2.4"
-#: the generations of the ADFQ runs, newest first, and the suffix of their rows' labels
-GENERATIONS = {"": "", EARLIER_TAG: ", squared-error q/k/v grid (earlier session)"}
-#: The runs of ADFQ without reconstruction made before bias correction became its default (2026-11-29) carry
-#: ``bias_correction: False`` in ``changes``; those of the current generation's bits table, also this tag.
+#: The ADFQ runs made before bias correction became ADFQ's default (2026-11-29) carry ``bias_correction: False``
+#: in ``changes``; those of the generation before it (L2.4 q/k/v grids), also this tag.
 NO_BIAS_CORRECTION_TAG = "no_bias_correction"
+#: the generations of the ADFQ runs, newest first, and the suffix of their rows' labels
+GENERATIONS = {"": "", NO_BIAS_CORRECTION_TAG: ", without bias correction (before 2026-11-29)",
+               EARLIER_TAG: ", squared-error q/k/v grid (earlier session)"}
 #: the settings each generation's runs carry in ``changes``: an ablation run (tagged by what it switches off)
 #: belongs to the generation whose settings it has
-GENERATION_CHANGES = {"": {"qkv_error_p": None, "bias_correction": None}, EARLIER_TAG: {"qkv_error_p": 2.0}}
+GENERATION_CHANGES = {"": {"qkv_error_p": None, "bias_correction": None},
+                      NO_BIAS_CORRECTION_TAG: {"qkv_error_p": None, "bias_correction": False},
+                      EARLIER_TAG: {"qkv_error_p": 2.0}}
 #: the methods without reconstruction, measured at every width
 BITS_PRESETS = ("minmax", "percentile", "adfq_init")
 ABLATION_LABELS = {"no_ppoq": "w/o PPOQ", "no_slq": "w/o SLQ", "no_log_softmax": "w/o log-√2 softmax",
@@ -64,9 +67,6 @@ def accuracy_runs(data: dict) -> list[dict]:
 
 def method_rows(runs: list[dict], model: str, iters: int) -> list[tuple[str, dict]]:
     rows = [(LABELS[m], dict(model=model, preset=m, tag="")) for m in BITS_PRESETS]
-    if select(runs, model=model, preset="adfq_init", tag=NO_BIAS_CORRECTION_TAG):
-        rows.append((LABELS["adfq_init"] + ", without bias correction (before 2026-11-29)",
-                     dict(model=model, preset="adfq_init", tag=NO_BIAS_CORRECTION_TAG)))
     for tag, suffix in GENERATIONS.items():
         if tag and select(runs, model=model, preset="adfq_init", tag=tag):
             rows.append((LABELS["adfq_init"] + suffix, dict(model=model, preset="adfq_init", tag=tag)))
@@ -398,6 +398,39 @@ def qkv_grid_table(runs: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def bias_correction_table(runs: list[dict]) -> list[str]:
+    """ADFQ with bias correction (the default) against the same seeds' runs without it (paired: the same
+    calibration images), without reconstruction and at each budget run both ways, and each against the better
+    baseline of those seeds."""
+    lines = ["| model | bits | ADFQ | seeds | Top-1 without → with | Δ Top-1 (seed SE) | KL to FP32 without → with | "
+             "modules corrected | vs the better baseline, without → with (seed SE) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    cells = sorted({(r["model"].endswith("_outliers"), r["model"], r["w_bits"], r["iters"]) for r in runs
+                    if r["tag"] == NO_BIAS_CORRECTION_TAG})
+    pair = lambda diffs: (f"{statistics.mean(diffs):+.2f}"  # noqa: E731
+                          + (f" ({statistics.stdev(diffs) / len(diffs) ** 0.5:.2f})" if len(diffs) > 1 else ""))
+    for _, model, b, iters in cells:
+        fields = dict(model=model, preset="adfq" if iters else "adfq_init", w_bits=b, iters=iters)
+        with_, without = ({r["seed"]: r for r in select(runs, tag=tag, **fields)} for tag in ("", NO_BIAS_CORRECTION_TAG))
+        best = {m: mean_of(runs, model=model, preset=m, w_bits=b) for m in ("minmax", "percentile")}
+        baseline = max((m for m in best if best[m] is not None), key=lambda m: best[m], default=None)
+        base = {r["seed"]: r["top1"] for r in select(runs, model=model, preset=baseline, w_bits=b)}
+        seeds = sorted(with_.keys() & without.keys() & base.keys())
+        if not seeds:
+            continue
+        top1 = [cell([d[s]["top1"] for s in seeds]) for d in (without, with_)]
+        kl = [statistics.mean(d[s]["kl_to_fp"] for s in seeds) for d in (without, with_)]
+        corrected = statistics.mean(sum(m.get("bias_corrected", False) for m in with_[s]["modules"]) for s in seeds)
+        lines.append(f"| {model} | W{b}A{b} | {f'{iters} it/module' if iters else 'no reconstruction'} | "
+                     f"{len(seeds)} | {top1[0]} → {top1[1]} | "
+                     f"{pair([with_[s]['top1'] - without[s]['top1'] for s in seeds])} | "
+                     f"{kl[0]:.4f} → {kl[1]:.4f} ({kl[1] / kl[0] - 1:+.0%}) | "
+                     f"{corrected:.1f} of {len(with_[seeds[0]]['modules'])} | "
+                     f"{pair([without[s]['top1'] - base[s] for s in seeds])} → "
+                     f"{pair([with_[s]['top1'] - base[s] for s in seeds])} ({LABELS[baseline]}) |")
+    return lines if len(lines) > 2 else []
+
+
 def cost_table(data: dict) -> list[str]:
     """Calibration time and memory of the W4A4 accuracy runs made here (one thread each, two runs sharing the cores)."""
     local_torch = data["meta"].get("machine", {}).get("torch")
@@ -466,6 +499,8 @@ def render(data: dict, iters: int) -> str:
                         ("Convergence of reconstruction", convergence_table(runs)),
                         ("Distance to the float model (same prediction as FP32 · KL(FP32 ‖ quantized) in nats, "
                          "means over seeds)", fidelity_table(runs)),
+                        ("Bias correction, ADFQ's default since 2026-11-29, against the same seeds without it",
+                         bias_correction_table(runs)),
                         ("q/k/v grid: the reference's L2.4 search error against the squared error (no "
                          "reconstruction)", qkv_grid_table(runs)),
                         ("Calibration wall time and peak memory at W4A4 (accuracy runs: 1 thread, two runs sharing "

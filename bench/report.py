@@ -143,9 +143,9 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
                            abs(fp - w6) <= 0.3))
     for b in sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq_init", tag="")}):
         init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
-        baselines = [(mean_of(runs, model=model, preset=m, w_bits=b), m) for m in ("minmax", "percentile")]
-        best = max((pair for pair in baselines if pair[0] is not None), default=None)
-        if best is not None:
+        baseline = better_baseline(runs, model, b)
+        if baseline is not None:
+            best = (mean_of(runs, model=model, preset=baseline, w_bits=b), baseline)
             spread = max(std_of(runs, model=model, preset="adfq_init", tag="", w_bits=b),
                          std_of(runs, model=model, preset=best[1], w_bits=b))
             kl = [fidelity_cell(select(runs, model=model, preset=m, tag="", w_bits=b)) for m in ("adfq_init", best[1])]
@@ -155,6 +155,12 @@ def targets(runs: list[dict], model: str, iters: int) -> list[str]:
                                f"({LABELS[best[1]]}; larger std {spread:.2f}; {paired}; target ≥ 0); same prediction "
                                f"as FP32 · KL to FP32 {kl[0]} vs {kl[1]}", init >= best[0]))
     return out + reconstruction_checks(runs, model) + budget_targets(runs, model, iters)
+
+
+def better_baseline(runs: list[dict], model: str, bits: int) -> Optional[str]:
+    """MinMax or Percentile, whichever has the higher mean Top-1 on ``model`` at ``bits`` (None if neither ran)."""
+    means = {m: mean_of(runs, model=model, preset=m, w_bits=bits) for m in ("minmax", "percentile")}
+    return max((m for m in means if means[m] is not None), key=lambda m: means[m], default=None)
 
 
 def seed_by_seed_difference(runs: list[dict], fields: dict, other: dict) -> str:
@@ -412,8 +418,7 @@ def bias_correction_table(runs: list[dict]) -> list[str]:
     for _, model, b, iters in cells:
         fields = dict(model=model, preset="adfq" if iters else "adfq_init", w_bits=b, iters=iters)
         with_, without = ({r["seed"]: r for r in select(runs, tag=tag, **fields)} for tag in ("", NO_BIAS_CORRECTION_TAG))
-        best = {m: mean_of(runs, model=model, preset=m, w_bits=b) for m in ("minmax", "percentile")}
-        baseline = max((m for m in best if best[m] is not None), key=lambda m: best[m], default=None)
+        baseline = better_baseline(runs, model, b)
         base = {r["seed"]: r["top1"] for r in select(runs, model=model, preset=baseline, w_bits=b)}
         seeds = sorted(with_.keys() & without.keys() & base.keys())
         if not seeds:

@@ -184,15 +184,15 @@ def on_seeds_of(runs: list[dict], **fields) -> list[dict]:
 def reconstruction_checks(runs: list[dict], model: str, prefix: str = "") -> list[str]:
     """Issue 10 §3 at W3A3 and W4A4: full ADFQ never below no reconstruction by more than one std, per budget
     and generation."""
-    out, every_run = [], runs
-    for tag in generations(every_run, model):
+    out = []
+    for tag in generations(runs, model):
         for b in (3, 4):
-            runs = on_seeds_of(every_run, model=model, preset="adfq_init", tag=tag, w_bits=b)
-            init = mean_of(runs, model=model, preset="adfq_init", tag=tag, w_bits=b)
-            for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag=tag, w_bits=b)}):
-                full = mean_of(runs, model=model, preset="adfq", tag=tag, iters=budget, w_bits=b)
-                spread = max(std_of(runs, model=model, preset="adfq", tag=tag, iters=budget, w_bits=b),
-                             std_of(runs, model=model, preset="adfq_init", tag=tag, w_bits=b))
+            seeded = on_seeds_of(runs, model=model, preset="adfq_init", tag=tag, w_bits=b)
+            init = mean_of(seeded, model=model, preset="adfq_init", tag=tag, w_bits=b)
+            for budget in sorted({r["iters"] for r in select(seeded, model=model, preset="adfq", tag=tag, w_bits=b)}):
+                full = mean_of(seeded, model=model, preset="adfq", tag=tag, iters=budget, w_bits=b)
+                spread = max(std_of(seeded, model=model, preset="adfq", tag=tag, iters=budget, w_bits=b),
+                             std_of(seeded, model=model, preset="adfq_init", tag=tag, w_bits=b))
                 if init is not None and full is not None:
                     out.append(verdict(f"{prefix}W{b}A{b}, {budget} it{GENERATIONS[tag]}: reconstruction "
                                        f"{full - init:+.2f} over none (never below by more than one std, {spread:.2f})",
@@ -204,37 +204,37 @@ def budget_targets(runs: list[dict], model: str, iters: int, prefix: str = "") -
     """Issue 10 §3: the gain at 1,000 iterations (W3A3), and at W3A3 and W4A4 the share of the 3,000-iteration
     gain (and of its calibration time) that the default budget reaches, within each generation that ran the
     longer budgets. At W4A4 the gains are tenths, inside the spread: the share by KL is the steadier measure."""
-    out, every_run = [], runs
+    out = []
     for b in (3, 4):
-        for tag in generations(every_run, model, w_bits=b):
+        for tag in generations(runs, model, w_bits=b):
             fields = dict(model=model, preset="adfq", tag=tag, w_bits=b)
             start = dict(fields, preset="adfq_init")
-            runs = on_seeds_of(every_run, **start)
-            init = mean_of(runs, **start)
+            seeded = on_seeds_of(runs, **start)
+            init = mean_of(seeded, **start)
             if init is None:
                 continue
-            at = {it: mean_of(runs, iters=it, **fields) for it in (iters, 1000, 3000)}
+            at = {it: mean_of(seeded, iters=it, **fields) for it in (iters, 1000, 3000)}
             where = f"{prefix}W{b}A{b}{GENERATIONS[tag]}"
             if b == 3 and at[1000] is not None:
                 out.append(verdict(f"{where}, 1000 it: reconstruction gains {at[1000] - init:+.2f} (target ≥ 1.0)",
                                    at[1000] - init >= 1.0))
             if at[3000] is None or at[iters] is None:
                 continue
-            seconds = {it: statistics.mean(r["calib_seconds"] for r in select(runs, iters=it, **fields))
+            seconds = {it: statistics.mean(r["calib_seconds"] for r in select(seeded, iters=it, **fields))
                        for it in (iters, 3000)}
             time_share = (f"in {seconds[iters] / seconds[3000]:.0%} of its calibration time ({seconds[iters]:.0f} s "
                           f"vs {seconds[3000]:.0f} s)")
-            kl = [kl_of(runs, **start)]
-            kl += [kl_of(runs, iters=it, **fields) for it in (iters, 3000)]
+            kl = [kl_of(seeded, **start)]
+            kl += [kl_of(seeded, iters=it, **fields) for it in (iters, 3000)]
             by_kl = (f"; by KL to FP32 {(kl[0] - kl[1]) / (kl[0] - kl[2]):.0%} of its reduction"
                      if None not in kl and kl[0] > kl[2] else "")
-            spread = max(std_of(runs, iters=iters, **fields), std_of(runs, **start))
+            spread = max(std_of(seeded, iters=iters, **fields), std_of(seeded, **start))
             top1 = (f"Top-1 {at[iters]:.2f} vs {at[3000]:.2f}, from {init:.2f} (larger std {spread:.2f}"
                     f"{'; the 3000-it gain is inside it' if at[3000] - init <= spread else ''})")
             if at[3000] > init:
                 share = (at[iters] - init) / (at[3000] - init)
                 out.append(verdict(f"{where}: {iters} it reach {share:.0%} of the 3000-it gain (target ≥ 90 %), "
-                                   f"{top1}{paired_share(runs, fields, iters)}{by_kl}, {time_share}", share >= 0.9))
+                                   f"{top1}{paired_share(seeded, fields, iters)}{by_kl}, {time_share}", share >= 0.9))
             else:  # 3,000 iterations gained nothing: the default reaches that if it is not below
                 out.append(verdict(f"{where}: 3000 it gain {at[3000] - init:+.2f} over none, {iters} it "
                                    f"{at[iters] - init:+.2f} (target: not below 3000 it), {top1}{by_kl}, "

@@ -1,6 +1,7 @@
-"""Issue 10 §3 on more images: the share of the 3,000-it Top-1 gain that the default 200 it reach, measured on the
-5,000 validation images and on the ~35,000 training-part images no calibration seed 0-9 draws (``image_bootstrap.py``
-explains that set), each run's per-image correctness kept so that images and seeds can be resampled together.
+"""Issue 10 §3 on more images: the share of the 3,000-it Top-1 gain that 200 it (then the default) reach, measured on
+the 5,000 validation images and on the ~35,000 training-part images no calibration seed 0-9 draws
+(``image_bootstrap.py`` explains that set), each run's per-image correctness kept so that images and seeds can be
+resampled together.
 
     python bench/budget_images.py --model deit_cifar --bits 4 --seeds 0 1 2 --iters 0 200 3000
 

@@ -189,8 +189,11 @@ def test_shipped_configs_parse(path, capsys):
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
     assert ("CIFAR10DataModule" if path.startswith("configs/cifar10/") else "ImageFolderDataModule") in printed
-    # the CIFAR-10 DeiT W4A4 recipe alone switches QDrop off (README, "The default budget against the paper's")
-    assert ("qdrop_prob: 1.0" in printed) == (path == "configs/cifar10/deit_w4a4.yaml"), path
+    # every recipe keeps QDrop; the CIFAR-10 W4A4 ones run the default budget of 1,000 it/module, the W6A6 ones
+    # 200, the ImageNet ones the paper's 3,000 (README, "The default budget against the paper's")
+    assert "qdrop_prob: 0.5" in printed, path
+    budget = 3000 if path.startswith("configs/imagenet/") else 1000 if path.endswith("w4a4.yaml") else 200
+    assert f"iters: {budget}\n" in printed, path
 
 
 def test_cli_fit_then_test_from_checkpoint(tmp_path, capsys):
@@ -199,7 +202,8 @@ def test_cli_fit_then_test_from_checkpoint(tmp_path, capsys):
               "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
               "--data.init_args.num_calib", "32", "--data.init_args.batch_size", "16"]
     # 14 modules x 5 iterations = 70 iterations: ModelCheckpoint(every_n_train_steps=50) saves at 50 only
-    cli_main(["fit", *common, "--model.config.iters", "5", "--model.config.init_samples", "16"])
+    cli_main(["fit", *common, "--model.config.iters", "5", "--model.config.init_samples", "16",
+              "--trainer.callbacks.init_args.every_n_train_steps", "50"])
     log_dir = tmp_path / "vit_w4a4" / "version_0"
     last = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 70 and last["adfq_engine"]["stage"] == 14  # the finished model

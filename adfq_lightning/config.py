@@ -59,7 +59,8 @@ class ADFQConfig:
         reconstruct: run ASMO (module-wise reconstruction) after initialisation.
         iters / batch_size: reconstruction iterations per module and images per iteration. ``iters`` is the
             paper's 3,000 by default; the shipped CIFAR-10 W4A4 configs run 1,000, which reach 90 % of its gain
-            over no reconstruction in a third of the time (README, "The default budget against the paper's").
+            over no reconstruction (Top-1; on Swin W4A4 by KL only) in a third of the time (README, "The default
+            budget against the paper's").
         rounding_lr / scale_lr: Adam learning rates of the AdaRound variables and of activation step sizes
             (the latter with cosine decay to 0 over ``iters``). ``rounding_lr=None`` scales with the budget:
             ``3e-3 * 3000 / iters`` within [3e-3, 0.1], the reference's 3e-3 at its 3,000 iterations. At 100-200

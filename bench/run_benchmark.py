@@ -13,7 +13,8 @@ Groups of runs (``--groups``, in this order of priority):
   W3A3 and W4A4 (those of ``--bits``, in its order), and on the ``*_outliers`` variants ADFQ with and without
   reconstruction, each without PPOQ;
 * ``budget``: full ADFQ at 100 and 1,000 iterations per module (W3A3, W4A4, every seed; 1,000 is the default
-  run's budget there, ``--default-iters``) and 3,000 (first seed); ``--budget-iters`` picks among them and their order, ``--bits`` the widths as for ``ablation``;
+  run's budget there, ``--default-iters``) and 3,000 (first seed); ``--budget-iters`` picks among them and
+  their order, ``--bits`` the widths as for ``ablation``;
 * ``stress_budget``: the same budgets on the ``*_outliers`` variants;
 * ``timing``: one run of each method at W4A4 per model, alone and with ``--timing-threads`` threads, for
   the calibration wall time and peak memory (the accuracy runs share the cores and are not timed).

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Deployment of the shipped W4A4 ViT: file sizes, parity of every export format, and CPU inference time.
 
-It quantizes ``vit_cifar`` with the default run's recipe at ``--iters`` (the bundle's 1,024 calibration images), exports
-the safetensors artifact, the ``torch.export`` program and the ONNX model, and measures on the bundle's
+It quantizes ``vit_cifar`` with the default run's recipe at ``--iters`` (the bundle's 1,024 calibration images),
+exports the safetensors artifact, the ``torch.export`` program and the ONNX model, and measures on the bundle's
 5,000 validation images:
 
 * size on disk against the FP32 and FP16 state_dicts;
@@ -52,7 +52,8 @@ def timed(fn, x: torch.Tensor, repeats: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iters", type=int, default=200, help="reconstruction iterations (export.md ran 200; the size and the agreement of an export do not depend on it)")
+    p.add_argument("--iters", type=int, default=200,
+                   help="reconstruction iterations (export.md ran 200; an export's size and agreement do not depend on it)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")

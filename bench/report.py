@@ -291,7 +291,8 @@ def stress_table(runs: list[dict], iters: int) -> list[str]:
     if not variants:
         return []
     lines = ["| variant | FP32 | bits | MinMax | Percentile | ADFQ, no reconstruction | same w/o PPOQ | "
-             f"ADFQ, {iters} it/module | ADFQ w/o PPOQ, {iters} it/module | outlier ratio (mean over qkv/fc1 inputs) |",
+             f"ADFQ, {iters} it/module | ADFQ w/o PPOQ, {iters} it/module | "
+             "outlier ratio (mean over qkv/fc1 inputs) |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for v in variants:
         fp = cell(top1s(runs, model=v, preset="fp"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -194,6 +195,10 @@ def test_shipped_configs_parse(path, capsys):
     assert f"qdrop_prob: {ADFQConfig().qdrop_prob}" in printed, path
     budget = 3000 if path.startswith("configs/imagenet/") else 1000 if path.endswith("w4a4.yaml") else 200
     assert f"iters: {budget}\n" in printed, path
+    # a checkpoint every quarter of a module or less often: every 100 iterations of the paper's 3,000 wrote a
+    # ViT-B checkpoint 30 times per module (README, "Robustness")
+    interval = int(re.search(r"every_n_train_steps: (\d+)", printed).group(1))
+    assert budget // interval <= 4, path
 
 
 def test_cli_fit_then_test_from_checkpoint(tmp_path, capsys):

@@ -29,6 +29,12 @@ GENERATIONS = {"": "", NO_BIAS_CORRECTION_TAG: ", without bias correction (befor
 GENERATION_CHANGES = {"": {"qkv_error_p": None, "bias_correction": None},
                       NO_BIAS_CORRECTION_TAG: {"qkv_error_p": None, "bias_correction": False},
                       EARLIER_TAG: {"qkv_error_p": 2.0}}
+#: The runs made with the step-size rate of the shipped DeiT and Swin CIFAR-10 W4A4 configs (``scale_lr`` 1.2e-4,
+#: three times the paper's, so that steps learn as far in 1,000 iterations as in its 3,000) carry this tag. On those
+#: models (and their outlier variants), where they ran, they are the default run's at its budget; the untagged runs
+#: at that budget keep the paper's rate, as the ViT config does.
+DEFAULT_RUN_TAG = "scale_lr_x3"
+DEFAULT_RUN_TAG_MODELS = ("deit_cifar", "swin_cifar")
 #: the methods without reconstruction, measured at every width
 BITS_PRESETS = ("minmax", "percentile", "adfq_init")
 ABLATION_LABELS = {"no_ppoq": "w/o PPOQ", "no_slq": "w/o SLQ", "no_log_softmax": "w/o log-√2 softmax",
@@ -71,6 +77,13 @@ def default_run_iters(bits: int, iters: int, default_iters: int) -> int:
     return default_iters if bits <= 4 else iters
 
 
+def default_run_tag(runs: list[dict], tag: str, model: str, **fields) -> str:
+    """The tag of the default run's own runs at its budget in generation ``tag``: ``DEFAULT_RUN_TAG`` in the
+    current generation on the models whose configs set its rate, where they ran; else ``tag``."""
+    recipe = not tag and model.startswith(DEFAULT_RUN_TAG_MODELS)
+    return DEFAULT_RUN_TAG if recipe and select(runs, model=model, tag=DEFAULT_RUN_TAG, **fields) else tag
+
+
 def method_rows(runs: list[dict], model: str, iters: int, default_iters: int) -> list[tuple[str, dict]]:
     rows = [(LABELS[m], dict(model=model, preset=m, tag="")) for m in BITS_PRESETS]
     for tag, suffix in GENERATIONS.items():
@@ -79,10 +92,17 @@ def method_rows(runs: list[dict], model: str, iters: int, default_iters: int) ->
         for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag=tag)}):
             widths = sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq", tag=tag, iters=budget)
                              if default_run_iters(r["w_bits"], iters, default_iters) == budget})
+            tried = [] if tag else sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq", iters=budget,
+                                                                         tag=DEFAULT_RUN_TAG)})
+            recipe = tried if model.startswith(DEFAULT_RUN_TAG_MODELS) else []
             default = (f" (default run's budget at {', '.join(f'W{b}A{b}' for b in widths)})"
-                       if widths and not tag else "")
-            label = f"ADFQ, {budget} it/module{suffix}{default}"
-            rows.append((label, dict(model=model, preset="adfq", tag=tag, iters=budget)))
+                       if widths and not tag and not recipe else "")
+            rows.append((f"ADFQ, {budget} it/module{suffix}{default}",
+                         dict(model=model, preset="adfq", tag=tag, iters=budget)))
+            if tried:
+                rows.append((f"ADFQ, {budget} it/module, step-size rate 1.2e-4"
+                             + (f" (default run's recipe at {', '.join(f'W{b}A{b}' for b in recipe)})" if recipe else ""),
+                             dict(model=model, preset="adfq", tag=DEFAULT_RUN_TAG, iters=budget)))
     return rows
 
 
@@ -140,7 +160,8 @@ def targets(runs: list[dict], model: str, iters: int, default_iters: int) -> lis
         return []
     out, tag = [], (generations(runs, model, iters=default_iters) or [""])[0]
     budget = {b: default_run_iters(b, iters, default_iters) for b in (3, 4, 6)}
-    w4, w3, w6 = (mean_of(runs, model=model, preset="adfq", tag=tag, iters=budget[b], w_bits=b) for b in (4, 3, 6))
+    w4, w3, w6 = (mean_of(runs, model=model, preset="adfq", iters=budget[b], w_bits=b,
+                          tag=default_run_tag(runs, tag, model=model, iters=budget[b], w_bits=b)) for b in (4, 3, 6))
     pct4 = mean_of(runs, model=model, preset="percentile", w_bits=4)
     where = {b: f"W{b}A{b}{GENERATIONS[tag]}, {budget[b]} it," for b in budget}
     if w4 is not None:
@@ -229,50 +250,65 @@ def budget_targets(runs: list[dict], model: str, iters: int, default_iters: int,
             if b == 3 and at_1000 is not None:
                 out.append(verdict(f"{where}, 1000 it: reconstruction gains {at_1000 - init:+.2f} (target ≥ 1.0)",
                                    at_1000 - init >= 1.0))
-            for budget in dict.fromkeys((default_iters, iters)):
-                share = share_of_3000(seeded, fields, init, budget)
-                if share is not None:
-                    text, target, ok = share
-                    out.append(verdict(f"{where}, the default run's budget (target: {target}): {text}", ok)
-                               if budget == default_iters else f"- for comparison, the short budget: {where}: {text}")
+            recipe = default_run_tag(seeded, tag, model=model, w_bits=b, iters=default_iters)
+            arms = [(default_iters, recipe), (default_iters, tag)] + [(default_iters, DEFAULT_RUN_TAG)] * (not tag)
+            for n, (budget, arm_tag) in enumerate(dict.fromkeys(arms + [(iters, tag)])):
+                share = share_of_3000(seeded, fields, init, budget, arm_tag)
+                if share is None:
+                    continue
+                text, target, ok = share
+                if n == 0:
+                    rate = ", step-size rate 1.2e-4" if arm_tag == DEFAULT_RUN_TAG else ""
+                    out.append(verdict(f"{where}, the default run's budget{rate} (target: {target}): {text}", ok))
+                else:
+                    other = ("the short budget" if budget != default_iters else
+                             "the step-size rate 1.2e-4" if arm_tag == DEFAULT_RUN_TAG else "the paper's step-size rate")
+                    out.append(f"- for comparison, {other}: {where}: {text}")
     return out
 
 
-def share_of_3000(seeded: list[dict], fields: dict, init: float, budget: int) -> Optional[tuple[str, str, bool]]:
-    """How much of the 3,000-iteration gain over no reconstruction ``budget`` iterations reach, by Top-1 and by
-    KL, and in what share of the time: the text, the target it is held to and whether it meets it; None unless
-    both budgets ran."""
-    at = {it: mean_of(seeded, iters=it, **fields) for it in (budget, 3000)}
+def share_of_3000(seeded: list[dict], fields: dict, init: float, budget: int,
+                  budget_tag: str) -> Optional[tuple[str, str, bool]]:
+    """How much of the 3,000-iteration gain over no reconstruction ``budget`` iterations (the runs tagged
+    ``budget_tag``) reach, by Top-1 and by KL, and in what share of the time: the text, the target it is held to
+    and whether it meets it; None unless both budgets ran."""
+    arm = {budget: dict(fields, iters=budget, tag=budget_tag), 3000: dict(fields, iters=3000)}
+    start = dict(fields, preset="adfq_init")
+    seeds = {r["seed"] for r in select(seeded, **arm[budget])}
+    fewer = ""
+    if seeds < {r["seed"] for r in select(seeded, **arm[3000])}:  # gains within the seeds the budget ran
+        seeded = [r for r in seeded if r["seed"] in seeds]
+        init, fewer = mean_of(seeded, **start), f" (on seeds {', '.join(map(str, sorted(seeds)))}, those it ran)"
+    at = {it: mean_of(seeded, **arm[it]) for it in (budget, 3000)}
     if at[3000] is None or at[budget] is None:
         return None
-    start = dict(fields, preset="adfq_init")
-    seconds = {it: statistics.mean(r["calib_seconds"] for r in select(seeded, iters=it, **fields))
-               for it in (budget, 3000)}
+    seconds = {it: statistics.mean(r["calib_seconds"] for r in select(seeded, **arm[it])) for it in (budget, 3000)}
     time_share = (f"in {seconds[budget] / seconds[3000]:.0%} of its calibration time ({seconds[budget]:.0f} s "
                   f"vs {seconds[3000]:.0f} s)")
-    kl = [kl_of(seeded, **start)] + [kl_of(seeded, iters=it, **fields) for it in (budget, 3000)]
+    kl = [kl_of(seeded, **start)] + [kl_of(seeded, **arm[it]) for it in (budget, 3000)]
     by_kl = (f"; by KL to FP32 {(kl[0] - kl[1]) / (kl[0] - kl[2]):.0%} of its reduction"
              if None not in kl and kl[0] > kl[2] else "")
-    spread = max(std_of(seeded, iters=budget, **fields), std_of(seeded, **start))
+    spread = max(std_of(seeded, **arm[budget]), std_of(seeded, **start))
     top1 = (f"Top-1 {at[budget]:.2f} vs {at[3000]:.2f}, from {init:.2f} (larger std {spread:.2f}"
             f"{'; the 3000-it gain is inside it' if at[3000] - init <= spread else ''})")
     if at[3000] > init:
         share = (at[budget] - init) / (at[3000] - init)
-        return (f"{budget} it reach {share:.0%} of the 3000-it gain, {top1}{paired_share(seeded, fields, budget)}"
+        return (f"{budget} it reach {share:.0%} of the 3000-it gain{fewer}, {top1}"
+                f"{paired_share(seeded, fields, arm[budget])}"
                 f"{by_kl}, {time_share}", "≥ 90 % of the 3000-it gain", share >= 0.9)
     # 3,000 iterations gained nothing: the budget reaches that if it is not below
-    return (f"3000 it gain {at[3000] - init:+.2f} over none, {budget} it {at[budget] - init:+.2f}, {top1}{by_kl}, "
+    return (f"3000 it gain {at[3000] - init:+.2f} over none{fewer}, {budget} it {at[budget] - init:+.2f}, {top1}{by_kl}, "
             f"{time_share}", "not below 3000 it", at[budget] >= at[3000])
 
 
-def paired_share(runs: list[dict], fields: dict, iters: int) -> str:
-    """The share of the 3,000-iteration gain on the seeds that ran 3,000 iterations (usually the first alone):
-    where the other budgets ran more seeds, their means and the 3,000-iteration run's calibrate on other images."""
+def paired_share(runs: list[dict], fields: dict, short: dict) -> str:
+    """The share of the 3,000-iteration gain that the runs ``short`` reach on the seeds that ran 3,000 iterations:
+    where the other budgets ran more seeds, their means and the 3,000-iteration runs calibrate on other images."""
     seeds = {r["seed"] for r in select(runs, iters=3000, **fields)}
-    if seeds == {r["seed"] for r in select(runs, iters=iters, **fields)}:
+    if seeds == {r["seed"] for r in select(runs, **short)}:
         return ""
     top1 = [[r["top1"] for r in select(runs, **kw) if r["seed"] in seeds]
-            for kw in (dict(fields, preset="adfq_init"), dict(fields, iters=iters), dict(fields, iters=3000))]
+            for kw in (dict(fields, preset="adfq_init"), short, dict(fields, iters=3000))]
     if any(len(values) != len(seeds) for values in top1[:2]):
         return ""
     init, short, long = (statistics.mean(values) for values in top1)

@@ -100,8 +100,8 @@ def method_rows(runs: list[dict], model: str, iters: int, default_iters: int) ->
             rows.append((f"ADFQ, {budget} it/module{suffix}{default}",
                          dict(model=model, preset="adfq", tag=tag, iters=budget)))
             if tried:
-                rows.append((f"ADFQ, {budget} it/module, step-size rate 1.2e-4"
-                             + (f" (default run's recipe at {', '.join(f'W{b}A{b}' for b in recipe)})" if recipe else ""),
+                which = f" (default run's recipe at {', '.join(f'W{b}A{b}' for b in recipe)})" if recipe else ""
+                rows.append((f"ADFQ, {budget} it/module, step-size rate 1.2e-4{which}",
                              dict(model=model, preset="adfq", tag=DEFAULT_RUN_TAG, iters=budget)))
     return rows
 
@@ -261,8 +261,8 @@ def budget_targets(runs: list[dict], model: str, iters: int, default_iters: int,
                     rate = ", step-size rate 1.2e-4" if arm_tag == DEFAULT_RUN_TAG else ""
                     out.append(verdict(f"{where}, the default run's budget{rate} (target: {target}): {text}", ok))
                 else:
-                    other = ("the short budget" if budget != default_iters else
-                             "the step-size rate 1.2e-4" if arm_tag == DEFAULT_RUN_TAG else "the paper's step-size rate")
+                    rate = "the step-size rate 1.2e-4" if arm_tag == DEFAULT_RUN_TAG else "the paper's step-size rate"
+                    other = rate if budget == default_iters else "the short budget"
                     out.append(f"- for comparison, {other}: {where}: {text}")
     return out
 
@@ -297,8 +297,8 @@ def share_of_3000(seeded: list[dict], fields: dict, init: float, budget: int,
                 f"{paired_share(seeded, fields, arm[budget])}"
                 f"{by_kl}, {time_share}", "≥ 90 % of the 3000-it gain", share >= 0.9)
     # 3,000 iterations gained nothing: the budget reaches that if it is not below
-    return (f"3000 it gain {at[3000] - init:+.2f} over none{fewer}, {budget} it {at[budget] - init:+.2f}, {top1}{by_kl}, "
-            f"{time_share}", "not below 3000 it", at[budget] >= at[3000])
+    return (f"3000 it gain {at[3000] - init:+.2f} over none{fewer}, {budget} it {at[budget] - init:+.2f}, {top1}"
+            f"{by_kl}, {time_share}", "not below 3000 it", at[budget] >= at[3000])
 
 
 def paired_share(runs: list[dict], fields: dict, short: dict) -> str:

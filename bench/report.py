@@ -84,6 +84,11 @@ def default_run_tag(runs: list[dict], tag: str, model: str, **fields) -> str:
     return DEFAULT_RUN_TAG if recipe and select(runs, model=model, tag=DEFAULT_RUN_TAG, **fields) else tag
 
 
+def rate_suffix(tag: str) -> str:
+    """What a label adds for the runs tagged ``tag``: the step-size rate of ``DEFAULT_RUN_TAG``, else nothing."""
+    return ", step-size rate 1.2e-4" if tag == DEFAULT_RUN_TAG else ""
+
+
 def method_rows(runs: list[dict], model: str, iters: int, default_iters: int) -> list[tuple[str, dict]]:
     rows = [(LABELS[m], dict(model=model, preset=m, tag="")) for m in BITS_PRESETS]
     for tag, suffix in GENERATIONS.items():
@@ -160,10 +165,10 @@ def targets(runs: list[dict], model: str, iters: int, default_iters: int) -> lis
         return []
     out, tag = [], (generations(runs, model, iters=default_iters) or [""])[0]
     budget = {b: default_run_iters(b, iters, default_iters) for b in (3, 4, 6)}
-    w4, w3, w6 = (mean_of(runs, model=model, preset="adfq", iters=budget[b], w_bits=b,
-                          tag=default_run_tag(runs, tag, model=model, iters=budget[b], w_bits=b)) for b in (4, 3, 6))
+    tags = {b: default_run_tag(runs, tag, model=model, iters=budget[b], w_bits=b) for b in budget}
+    w4, w3, w6 = (mean_of(runs, model=model, preset="adfq", iters=budget[b], w_bits=b, tag=tags[b]) for b in (4, 3, 6))
     pct4 = mean_of(runs, model=model, preset="percentile", w_bits=4)
-    where = {b: f"W{b}A{b}{GENERATIONS[tag]}, {budget[b]} it," for b in budget}
+    where = {b: f"W{b}A{b}{GENERATIONS[tag]}, {budget[b]} it{rate_suffix(tags[b])}," for b in budget}
     if w4 is not None:
         out.append(verdict(f"{where[4]} loses {fp - w4:.2f} Top-1 (target ≤ 1.0)", fp - w4 <= 1.0))
         if pct4 is not None:
@@ -258,8 +263,8 @@ def budget_targets(runs: list[dict], model: str, iters: int, default_iters: int,
                     continue
                 text, target, ok = share
                 if n == 0:
-                    rate = ", step-size rate 1.2e-4" if arm_tag == DEFAULT_RUN_TAG else ""
-                    out.append(verdict(f"{where}, the default run's budget{rate} (target: {target}): {text}", ok))
+                    out.append(verdict(f"{where}, the default run's budget{rate_suffix(arm_tag)} (target: {target}): "
+                                       f"{text}", ok))
                 else:
                     rate = "the step-size rate 1.2e-4" if arm_tag == DEFAULT_RUN_TAG else "the paper's step-size rate"
                     other = rate if budget == default_iters else "the short budget"

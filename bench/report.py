@@ -99,7 +99,7 @@ def method_rows(runs: list[dict], model: str, iters: int, default_iters: int) ->
                              if default_run_iters(r["w_bits"], iters, default_iters) == budget})
             tried = [] if tag else sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq", iters=budget,
                                                                          tag=DEFAULT_RUN_TAG)})
-            recipe = tried if model.startswith(DEFAULT_RUN_TAG_MODELS) else []
+            recipe = [b for b in tried if default_run_tag(runs, tag, model, iters=budget, w_bits=b) == DEFAULT_RUN_TAG]
             default = (f" (default run's budget at {', '.join(f'W{b}A{b}' for b in widths)})"
                        if widths and not tag and not recipe else "")
             rows.append((f"ADFQ, {budget} it/module{suffix}{default}",

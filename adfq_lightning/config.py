@@ -59,7 +59,7 @@ class ADFQConfig:
         reconstruct: run ASMO (module-wise reconstruction) after initialisation.
         iters / batch_size: reconstruction iterations per module and images per iteration. ``iters`` is the
             paper's 3,000 by default; the shipped CIFAR-10 W4A4 configs run 1,000, which reach 90 % of its gain
-            over no reconstruction in a third of the time (README, "The default budget against the paper's").
+            over no reconstruction in a third of the time (docs/benchmark.md, "The default budget against the paper's").
         rounding_lr / scale_lr: Adam learning rates of the AdaRound variables and of activation step sizes
             (the latter with cosine decay to 0 over ``iters``). ``rounding_lr=None`` scales with the budget:
             ``3e-3 * 3000 / iters`` within [3e-3, 0.1], the reference's 3e-3 at its 3,000 iterations. At 100-200
@@ -67,7 +67,7 @@ class ADFQConfig:
             is a jump (``bench/results/asmo_study*.md``). ``scale_lr`` stays the reference's 4e-5 at any budget;
             the shipped DeiT and Swin CIFAR-10 W4A4 configs set 1.2e-4 at their 1,000 iterations, so that step
             sizes move as far as in 3,000 (not on ViT, where it did not help; nor at 200 iterations, where fifteen
-            times the rate did not either; README).
+            times the rate did not either; docs/benchmark.md).
         rounding_weight / beta_start / beta_end / warmup: AdaRound regulariser weight, annealed exponent and
             the fraction of iterations before the regulariser starts.
         attn_kl: add the attention-score KL term for attention modules.
@@ -76,7 +76,8 @@ class ADFQConfig:
             from the full-precision prefix. 1.0 disables mixing.
         qdrop_until: fraction of ``iters`` during which QDrop mixes the input; the later iterations, where the
             AdaRound regulariser settles the rounding, see the quantized prefix only. 1.0 mixes to the end. At 200
-            iterations stopping half-way does as well as no QDrop on DeiT, but costs Swin most of QDrop's gain (README).
+            iterations stopping half-way does as well as no QDrop on DeiT, but costs Swin most of QDrop's gain
+            (docs/benchmark.md).
         rec_p: exponent of the Lp output reconstruction loss.
         act_grad: how the loss gradient passes through activation quantizers to their inputs: ``ste`` straight
             through, ``in_range`` only for values the grid represents, ``none`` not at all (reference code).
@@ -100,7 +101,7 @@ class ADFQConfig:
             default) corrects ADFQ, with and without reconstruction, and leaves MinMax and Percentile the plain
             baselines (``corrects_biases``). Where activations carry outlier channels it is worth points of
             Top-1, even after reconstruction; elsewhere a few tenths either way (Swin leans lower), with the KL
-            to the float model mostly lower (README, *Bias correction by default*).
+            to the float model mostly lower (docs/benchmark.md, *Bias correction by default*).
         cache_device: where the calibration cache lives (``cpu`` or an accelerator); None = model's device. A CPU
             cache feeding a GPU is pinned and copied asynchronously.
         cache_dtype: storage dtype of the cache: ``float16``/``bfloat16`` halve its memory; every computation

@@ -1,8 +1,8 @@
 """Where a model's distance to FP32 comes from: KL(FP32 || quantized) with one kind of quantizer switched on at a
 time, all others calibrated but off, for ADFQ without reconstruction (q/k/v grids by L2.4 and by the squared
-error) and Percentile. It found the q/k/v grid's cost at 4-8 bits (README, *Every bit width*). Top-1 beside it, and
-the images on which exactly one of a method and Percentile is right: where the two tie on Top-1 within the seeds'
-spread, that count says whether the gap is more than the luck of which images flip.
+error) and Percentile. It found the q/k/v grid's cost at 4-8 bits (docs/benchmark.md, *Every bit width*). Top-1
+beside it, and the images on which exactly one of a method and Percentile is right: where the two tie on Top-1
+within the seeds' spread, that count says whether the gap is more than the luck of which images flip.
 
     python bench/quantizer_split.py --model deit_cifar --bits 6 --seed 0
     python bench/quantizer_split.py --model deit_cifar --bits 7 --seed 0 --num-val 5000 --name quantizer_split_deit_cifar_w7_val5000

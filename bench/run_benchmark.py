@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The accuracy benchmark behind the README: the reference models and their outlier variants, over seeds.
+"""The accuracy benchmark behind docs/benchmark.md: the reference models and their outlier variants, over seeds.
 
 Groups of runs (``--groups``, in this order of priority):
 

@@ -194,7 +194,7 @@ def test_shipped_configs_parse(path, capsys):
     config = printed["model"]["config"]
     # every recipe keeps QDrop; the CIFAR-10 W4A4 ones run the default budget of 1,000 it/module, DeiT's and Swin's
     # with step sizes at three times the paper's rate (as far in 1,000 iterations as in 3,000), the W6A6 ones 200,
-    # the ImageNet ones the paper's 3,000 (README, "The default budget against the paper's")
+    # the ImageNet ones the paper's 3,000 (docs/benchmark.md, "The default budget against the paper's")
     assert config["qdrop_prob"] == ADFQConfig().qdrop_prob, path
     budget = 3000 if path.startswith("configs/imagenet/") else 1000 if path.endswith("w4a4.yaml") else 200
     assert config["iters"] == budget, path

@@ -52,8 +52,9 @@ def timed(fn, x: torch.Tensor, repeats: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iters", type=int, default=200,
-                   help="reconstruction iterations (export.md ran 200; an export's size and agreement do not depend on it)")
+    p.add_argument("--iters", type=int, default=1000,
+                   help="reconstruction iterations per module: the default run's budget (an export's size and "
+                        "agreement do not depend on it)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")

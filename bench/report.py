@@ -34,6 +34,7 @@ GENERATION_CHANGES = {"": {"qkv_error_p": None, "bias_correction": None},
 #: models (and their outlier variants), where they ran, they are the default run's at its budget; the untagged runs
 #: at that budget keep the paper's rate, as the ViT config does.
 DEFAULT_RUN_TAG = "scale_lr_x3"
+DEFAULT_RUN_RATE = "step-size rate 1.2e-4"
 DEFAULT_RUN_TAG_MODELS = ("deit_cifar", "swin_cifar")
 #: the methods without reconstruction, measured at every width
 BITS_PRESETS = ("minmax", "percentile", "adfq_init")
@@ -86,7 +87,7 @@ def default_run_tag(runs: list[dict], tag: str, model: str, **fields) -> str:
 
 def rate_suffix(tag: str) -> str:
     """What a label adds for the runs tagged ``tag``: the step-size rate of ``DEFAULT_RUN_TAG``, else nothing."""
-    return ", step-size rate 1.2e-4" if tag == DEFAULT_RUN_TAG else ""
+    return f", {DEFAULT_RUN_RATE}" if tag == DEFAULT_RUN_TAG else ""
 
 
 def method_rows(runs: list[dict], model: str, iters: int, default_iters: int) -> list[tuple[str, dict]]:
@@ -106,7 +107,7 @@ def method_rows(runs: list[dict], model: str, iters: int, default_iters: int) ->
                          dict(model=model, preset="adfq", tag=tag, iters=budget)))
             if tried:
                 which = f" (default run's recipe at {', '.join(f'W{b}A{b}' for b in recipe)})" if recipe else ""
-                rows.append((f"ADFQ, {budget} it/module, step-size rate 1.2e-4{which}",
+                rows.append((f"ADFQ, {budget} it/module{rate_suffix(DEFAULT_RUN_TAG)}{which}",
                              dict(model=model, preset="adfq", tag=DEFAULT_RUN_TAG, iters=budget)))
     return rows
 
@@ -266,7 +267,7 @@ def budget_targets(runs: list[dict], model: str, iters: int, default_iters: int,
                     out.append(verdict(f"{where}, the default run's budget{rate_suffix(arm_tag)} (target: {target}): "
                                        f"{text}", ok))
                 else:
-                    rate = "the step-size rate 1.2e-4" if arm_tag == DEFAULT_RUN_TAG else "the paper's step-size rate"
+                    rate = f"the {DEFAULT_RUN_RATE}" if arm_tag == DEFAULT_RUN_TAG else "the paper's step-size rate"
                     other = rate if budget == default_iters else "the short budget"
                     out.append(f"- for comparison, {other}: {where}: {text}")
     return out

@@ -66,8 +66,9 @@ class ADFQConfig:
             iterations the reference's rate leaves most rounding variables undecided, and the final hard rounding
             is a jump (``bench/results/asmo_study*.md``). ``scale_lr`` stays the reference's 4e-5 at any budget;
             the shipped DeiT and Swin CIFAR-10 W4A4 configs set 1.2e-4 at their 1,000 iterations, so that step
-            sizes move as far as in 3,000 (not on ViT, where it did not help; nor at 200 iterations, where fifteen
-            times the rate did not either; docs/benchmark.md).
+            sizes move as far as in 3,000 (not on ViT, where it did not help; nor at 100-200 iterations, where the
+            rate scaled the same way moved no Top-1 past the noise, and at 100 raised every module's error;
+            docs/benchmark.md).
         rounding_weight / beta_start / beta_end / warmup: AdaRound regulariser weight, annealed exponent and
             the fraction of iterations before the regulariser starts.
         attn_kl: add the attention-score KL term for attention modules.

@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from harness import REPO, load_results, make_spec, run_specs, select
+from harness import REPO, heldout_error_ratio, load_results, make_spec, reconstructed_modules, run_specs, select
 
 from adfq_lightning.io import atomic_write
 
@@ -95,12 +95,11 @@ def render(data: dict) -> str:
                 for i in iters:
                     rs = select(mr, preset="adfq", tag=name, iters=i)
                     cells.append(mean_std([r["top1"] for r in rs]))
-                    mods = [m for r in rs for m in r.get("modules", []) if "reconstructed_error" in m]
+                    mods = reconstructed_modules(rs)
                     if mods:
                         und = statistics.mean(m["undecided"] for m in mods)
-                        ratios = [max(m["reconstructed_error"], 1e-12) / max(m["init_error"], 1e-12) for m in mods]
-                        geo = statistics.geometric_mean(ratios)
-                        conv.append(f"{und:.2f} / {geo:.2f} / {sum(bool(m['reverted']) for m in mods)}")
+                        conv.append(f"{und:.2f} / {heldout_error_ratio(mods):.2f} / "
+                                    f"{sum(bool(m['reverted']) for m in mods)}")
                     else:
                         conv.append("–")
                 if any(c != "–" for c in cells):

@@ -27,7 +27,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from harness import REPO, load_results, make_spec, run_specs, select, spec_key
+from harness import (REPO, heldout_error_ratio, load_results, make_spec, reconstructed_modules, run_specs, select,
+                     spec_key)
 
 from adfq_lightning.io import atomic_write
 
@@ -151,12 +152,19 @@ def render(data: dict, pooled: list[dict], args, rendered_by: str = "") -> str:
     if tried:
         lines += ["", f"Changes at {i} it, on the seeds above that ran them, each against the "
                       f"same seeds' runs without reconstruction and at {li} it:", "",
-                  "| variant | changes | seeds | Top-1 | KL to FP32 | share of the Top-1 gain | share of the KL "
-                  "reduction |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "| variant | changes | seeds | Top-1 | Δ Top-1 seed by seed (standard error) | KL to FP32 | "
+                  "held-out module error after / before reconstruction | share of the Top-1 gain | share of the KL "
+                  "reduction |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, vrows in tried.items():
             base = [by_seed[r[0]["seed"]] for r in vrows]
+            diff = [v[1]["top1"] - b[1]["top1"] for v, b in zip(vrows, base)]
+            spread = f" ({statistics.stdev(diff) / len(diff) ** 0.5:.2f})" if len(diff) > 1 else ""
+            errors = [reconstructed_modules([r[1] for r in rows]) for rows in (vrows, base)]
             cells = [f"{mean_of(vrows, 1, 'top1'):.2f} (default {mean_of(base, 1, 'top1'):.2f})",
-                     f"{mean_of(vrows, 1, 'kl_to_fp'):.4f} (default {mean_of(base, 1, 'kl_to_fp'):.4f})"]
+                     f"{statistics.mean(diff):+.2f}{spread}",
+                     f"{mean_of(vrows, 1, 'kl_to_fp'):.4f} (default {mean_of(base, 1, 'kl_to_fp'):.4f})",
+                     f"{heldout_error_ratio(errors[0]):.3f} (default {heldout_error_ratio(errors[1]):.3f})"
+                     if all(errors) else "–"]
             cells += [f"{share_of_gain(vrows, key):.0%} (default {share_of_gain(base, key):.0%})"
                       for key in ("top1", "kl_to_fp")]
             lines.append(f"| {name} | `{changes_of(vrows[0][1], base[0][1])}` | {len(vrows)} | " + " | ".join(cells)

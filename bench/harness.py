@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -258,6 +259,18 @@ def merge_results(data: dict, others: list[dict]) -> int:
 
 def select(runs: list[dict], **fields) -> list[dict]:
     return [r for r in runs if all(r.get(k) == v for k, v in fields.items())]
+
+
+def reconstructed_modules(runs: list[dict]) -> list[dict]:
+    """The module records of ``runs`` whose module went through reconstruction."""
+    return [m for r in runs for m in r.get("modules", []) if "reconstructed_error" in m]
+
+
+def heldout_error_ratio(modules: list[dict]) -> float:
+    """Held-out output error after reconstruction over before it, geometric mean over ``modules``: what
+    reconstruction optimises, module by module, on images its updates did not see."""
+    return statistics.geometric_mean([max(m["reconstructed_error"], 1e-12) / max(m["init_error"], 1e-12)
+                                      for m in modules])
 
 
 class TimeBudgetSpent(Exception):

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from harness import select, spec_key
+from harness import heldout_error_ratio, reconstructed_modules, select, spec_key
 
 from adfq_lightning.io import atomic_write
 
@@ -422,11 +422,10 @@ def convergence_table(runs: list[dict]) -> list[str]:
                          f"{cell([r['top1'] for r in start])} | {fidelity_cell(start)} |")
         for it in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag=tag, w_bits=b)}):
             full = select(runs, model=model, preset="adfq", tag=tag, w_bits=b, iters=it)
-            mods = [m for r in full for m in r.get("modules", []) if "reconstructed_error" in m]
+            mods = reconstructed_modules(full)
             if not mods:
                 continue
-            ratio = statistics.geometric_mean([max(m["reconstructed_error"], 1e-12) / max(m["init_error"], 1e-12)
-                                               for m in mods])
+            ratio = heldout_error_ratio(mods)
             lines.append(f"| {model}{GENERATIONS[tag]} | W{b}A{b} | {it} | "
                          f"{statistics.mean(m['undecided'] for m in mods):.2f} | {ratio:.2f} | "
                          f"{sum(bool(m['reverted']) for m in mods)} | {cell([r['top1'] for r in full])} | "
@@ -463,7 +462,8 @@ def qkv_grid_table(runs: list[dict]) -> list[str]:
     """ADFQ without reconstruction with the q/k/v grids searched by the reference's L2.4 error (the default)
     and by the squared error: Top-1 and KL to FP32 at every width measured both ways, on the seeds run both ways
     (paired: the same calibration images)."""
-    l2 = [r for r in runs if r["tag"] == "qkv_l2" and r["preset"] == "adfq_init" and in_generation(r, "")]
+    l2 = [r for r in runs if r["tag"] == "qkv_l2" and r["preset"] == "adfq_init"
+          and r["changes"].get("bias_correction") is None]  # the current generation's, paired with its defaults
     lines = ["| model | bits | Top-1, L2.4 (default) | Top-1, L2 | Δ Top-1 | KL to FP32, L2.4 | KL to FP32, L2 |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for model, b in sorted({(r["model"], r["w_bits"]) for r in l2}):

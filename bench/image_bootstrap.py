@@ -190,12 +190,16 @@ def main(argv=None) -> int:
                    help="score on the validation images (default) or on the training part's unseen ones")
     p.add_argument("--resamples", type=int, default=10000)
     p.add_argument("--report-only", action="store_true", help="render the results file's seeds, run nothing")
+    p.add_argument("--name", help="stem of the results files in bench/results (default: image_bootstrap_<model>_w<bits>"
+                                  "_<baseline>[_train]); another one starts afresh beside the stored seeds, e.g. "
+                                  "for the runs of another library default")
     args = p.parse_args(argv)
     if args.images == "train" and not set(args.seeds) <= set(CALIBRATION_SEEDS):
         seeds = f"{CALIBRATION_SEEDS.start}-{CALIBRATION_SEEDS.stop - 1}"
         p.error(f"--images train scores images that no seed in {seeds} calibrates on: pass seeds from that range.")
     suffix = "_train" if args.images == "train" else ""
-    out = REPO / "bench" / "results" / f"image_bootstrap_{args.model}_w{args.bits}_{args.baseline}{suffix}"
+    stem = args.name or f"image_bootstrap_{args.model}_w{args.bits}_{args.baseline}{suffix}"
+    out = REPO / "bench" / "results" / stem
     record = load_results(out.with_suffix(".json"))
     record.update(model=args.model, bits=args.bits, baseline=args.baseline, images=args.images)
     record.setdefault("commands", [])

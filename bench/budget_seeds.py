@@ -159,12 +159,12 @@ def render(data: dict, pooled: list[dict], args, rendered_by: str = "") -> str:
             base = [by_seed[r[0]["seed"]] for r in vrows]
             diff = [v[1]["top1"] - b[1]["top1"] for v, b in zip(vrows, base)]
             spread = f" ({statistics.stdev(diff) / len(diff) ** 0.5:.2f})" if len(diff) > 1 else ""
-            errors = [reconstructed_modules([r[1] for r in rows]) for rows in (vrows, base)]
+            modules = [reconstructed_modules([r[1] for r in rows]) for rows in (vrows, base)]
             cells = [f"{mean_of(vrows, 1, 'top1'):.2f} (default {mean_of(base, 1, 'top1'):.2f})",
                      f"{statistics.mean(diff):+.2f}{spread}",
                      f"{mean_of(vrows, 1, 'kl_to_fp'):.4f} (default {mean_of(base, 1, 'kl_to_fp'):.4f})",
-                     f"{heldout_error_ratio(errors[0]):.3f} (default {heldout_error_ratio(errors[1]):.3f})"
-                     if all(errors) else "–"]
+                     f"{heldout_error_ratio(modules[0]):.3f} (default {heldout_error_ratio(modules[1]):.3f})"
+                     if all(modules) else "–"]
             cells += [f"{share_of_gain(vrows, key):.0%} (default {share_of_gain(base, key):.0%})"
                       for key in ("top1", "kl_to_fp")]
             lines.append(f"| {name} | `{changes_of(vrows[0][1], base[0][1])}` | {len(vrows)} | " + " | ".join(cells)

@@ -145,8 +145,10 @@ def generations(runs: list[dict], model: str, **fields) -> list[str]:
     return [tag for tag in GENERATIONS if select(runs, model=model, preset="adfq", tag=tag, **fields)]
 
 
-def in_generation(run: dict, tag: str) -> bool:
-    return all(run["changes"].get(k) == v for k, v in GENERATION_CHANGES[tag].items())
+def in_generation(run: dict, tag: str, varied: tuple[str, ...] = ()) -> bool:
+    """Whether ``run`` was made with generation ``tag``'s settings; ``varied``: the settings the run's own variant
+    changes, left out of the comparison."""
+    return all(run["changes"].get(k) == v for k, v in GENERATION_CHANGES[tag].items() if k not in varied)
 
 
 def ablated(runs: list[dict], ablation: str, generation: str, **fields) -> list[float]:
@@ -463,7 +465,7 @@ def qkv_grid_table(runs: list[dict]) -> list[str]:
     and by the squared error: Top-1 and KL to FP32 at every width measured both ways, on the seeds run both ways
     (paired: the same calibration images)."""
     l2 = [r for r in runs if r["tag"] == "qkv_l2" and r["preset"] == "adfq_init"
-          and r["changes"].get("bias_correction") is None]  # the current generation's, paired with its defaults
+          and in_generation(r, "", varied=("qkv_error_p",))]
     lines = ["| model | bits | Top-1, L2.4 (default) | Top-1, L2 | Δ Top-1 | KL to FP32, L2.4 | KL to FP32, L2 |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for model, b in sorted({(r["model"], r["w_bits"]) for r in l2}):

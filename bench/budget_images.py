@@ -46,9 +46,9 @@ def run(runs: Path, model: str, bits: int, iters: int, seed: int, changes: dict,
     if not fp_path.is_file():
         hits = {name: pack(logits_on(float_model, x).argmax(1) == y) for name, (x, y) in scored.items()}
         atomic_write(fp_path, json.dumps(hits).encode())
-    preset, changes = ("adfq_init", {}) if iters == 0 else ("adfq", {"iters": iters, **changes})
-    quantized = quantized_copy(float_model, preset, bits, seed, images, **changes)
-    record = {"command": command, "model": model, "bits": bits, "iters": iters, "seed": seed, "changes": changes}
+    preset, settings = ("adfq_init", {}) if iters == 0 else ("adfq", {"iters": iters, **changes})
+    quantized = quantized_copy(float_model, preset, bits, seed, images, **settings)
+    record = {"command": command, "model": model, "bits": bits, "iters": iters, "seed": seed, "changes": settings}
     record.update({name: pack(logits_on(quantized, x).argmax(1) == y) for name, (x, y) in scored.items()})
     atomic_write(run_path(runs, model, bits, iters, seed), json.dumps(record).encode())
 

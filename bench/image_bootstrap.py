@@ -19,7 +19,6 @@ for the training part).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from typing import NamedTuple

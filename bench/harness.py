@@ -1,4 +1,4 @@
-"""What every benchmark script shares: one quantization run per fresh process, a resumable results file.
+"""What the benchmark commands share: one quantization run per fresh process, a resumable results file.
 
 A *spec* is a plain dict naming one run: model, preset, bits, config changes, calibration seed, budget.
 ``run_specs`` runs the specs that are not yet in the results file, ``jobs`` processes at a time, and
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,8 +24,6 @@ from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a source checkout without installing
-
-from adfq_lightning.io import atomic_write  # noqa: E402
 
 RESULT_PREFIX = "BENCH_RESULT "
 #: Fields of a spec that identify a run (results with the same values are reused). The device is not one: a
@@ -92,9 +89,7 @@ def machine_info(device: str = "cpu") -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu_count": os.cpu_count(), "cpu_model": cpu, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+    info = {"cpu_count": os.cpu_count(), "cpu_model": cpu, "torch": torch.__version__}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -111,52 +106,12 @@ def calibration_and_validation(num_calib: int, num_val: int, seed: int):
     return data.images[calib], data.images[val_idx[:num_val]], data.labels[val_idx[:num_val]]
 
 
-def reference_model_and_images(model_name: str, num_calib: int, num_val: int, seed: int):
-    """A shipped reference model in eval mode, its transformed calibration images for ``seed`` and validation
-    images, and the validation labels: what the in-process comparison scripts start from."""
-    import timm.data
-
-    from adfq_lightning.data import cifar10_eval_transform
-    from adfq_lightning.zoo import create_reference_model
-
-    calib_u8, val_u8, labels = calibration_and_validation(num_calib, num_val, seed)
-    model = create_reference_model(model_name, pretrained=True).eval()
-    transform = cifar10_eval_transform(timm.data.resolve_data_config(model=model))
-    return model, transform(calib_u8), transform(val_u8), labels
-
-
-def logits_on(model, images, batch: int = 500):
-    """``model``'s logits on ``images``, ``batch`` at a time, without autograd."""
-    import torch
-
-    with torch.no_grad():
-        return torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)])
-
-
 def kl_to_fp(logits, fp_logits) -> float:
     """KL(FP32 || quantized) of two models' logits on the same images, mean over images (nats)."""
     import torch
 
     return float(torch.nn.functional.kl_div(logits.log_softmax(1), fp_logits.log_softmax(1), log_target=True,
                                             reduction="batchmean"))
-
-
-def quantized_copy(float_model, preset: str, bits: int, seed: int, images, **changes):
-    """A copy of ``float_model`` quantized under ``preset`` in this process (reconstructed only if the preset does):
-    the scripts that compare methods image by image keep every model side by side."""
-    import copy
-
-    import torch
-
-    from adfq_lightning import ADFQConfig
-    from adfq_lightning.api import prepare
-    from adfq_lightning.reconstruction import Reconstructor
-
-    model = copy.deepcopy(float_model)
-    config = ADFQConfig.preset(preset, w_bits=bits, a_bits=bits, seed=seed, **changes)
-    prepare(model, config)
-    Reconstructor(model, config, images, torch.arange(len(images)), len(images)).run()
-    return model
 
 
 def run_one(spec: dict) -> dict:
@@ -166,10 +121,9 @@ def run_one(spec: dict) -> dict:
     import torch
     from torchmetrics.classification import MulticlassAccuracy
 
-    from adfq_lightning import ADFQConfig
+    from adfq_lightning import ADFQConfig, prepare
     from adfq_lightning.data import cifar10_eval_transform
     from adfq_lightning.reconstruction import Reconstructor
-    from adfq_lightning.api import prepare
     from adfq_lightning.zoo import create_reference_model
 
     torch.set_num_threads(spec["threads"])
@@ -202,7 +156,7 @@ def run_one(spec: dict) -> dict:
         result["calib_seconds"] = time.perf_counter() - t0
         hwm = proc_status_mb("VmHWM")
         result["peak_mem_mb"] = max(0.0, hwm - rss0) if hwm is not None and rss0 is not None else None
-        result["modules"] = [{"name": s.name, **s.stats} for s in engine.stages]
+        result.update(summarize_modules([s.stats for s in engine.stages]))
         del images, engine
     logits, labels = logits_of_val(), val_labels.to(device)
     top1 = MulticlassAccuracy(num_classes=10, top_k=1, average="micro").to(device)(logits, labels)
@@ -210,8 +164,8 @@ def run_one(spec: dict) -> dict:
     if fp_logits is not None:  # how far from the float model, beyond the labels: Top-1 alone is coarse at 6-8 bits
         result["fp_agreement"] = float((logits.argmax(1) == fp_logits.argmax(1)).float().mean()) * 100
         result["kl_to_fp"] = kl_to_fp(logits, fp_logits)
-    result.update(top1=float(top1) * 100, top5=float(top5) * 100,
-                  loadavg_end=os.getloadavg()[0], torch=torch.__version__, machine=machine_info(spec["device"]))
+    result.update(top1=float(top1) * 100, top5=float(top5) * 100, loadavg_end=os.getloadavg()[0],
+                  machine=machine_info(spec["device"]))
     return result
 
 
@@ -238,7 +192,13 @@ def load_results(path: Path) -> dict:
 
 
 def save_results(path: Path, data: dict) -> None:
-    atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
+    """One run per line: the file stays small and diffs run by run."""
+    from adfq_lightning.atomic import atomic_write
+
+    head = {k: v for k, v in data.items() if k != "runs"}
+    lines = [json.dumps(r, sort_keys=True) for r in data["runs"]]
+    text = json.dumps(head)[:-1] + (', ' if head else '') + '"runs": [\n' + ",\n".join(lines) + "\n]}\n"
+    atomic_write(path, text.encode())
 
 
 def merge_results(data: dict, others: list[dict]) -> int:
@@ -251,9 +211,6 @@ def merge_results(data: dict, others: list[dict]) -> int:
         if new:
             data["runs"] += new
             added += len(new)
-            data["meta"].setdefault("merged", []).append({"commands": other["meta"].get("commands", []),
-                                                          "machine": other["meta"].get("machine", {}),
-                                                          "runs": len(new)})
     return added
 
 
@@ -261,28 +218,29 @@ def select(runs: list[dict], **fields) -> list[dict]:
     return [r for r in runs if all(r.get(k) == v for k, v in fields.items())]
 
 
-def reconstructed_modules(runs: list[dict]) -> list[dict]:
-    """The module records of ``runs`` whose module went through reconstruction."""
-    return [m for r in runs for m in r.get("modules", []) if "reconstructed_error" in m]
-
-
-def heldout_error_ratio(modules: list[dict]) -> float:
-    """Held-out output error after reconstruction over before it, geometric mean over ``modules``: what
-    reconstruction optimises, module by module, on images its updates did not see."""
-    return statistics.geometric_mean([max(m["reconstructed_error"], 1e-12) / max(m["init_error"], 1e-12)
-                                      for m in modules])
+def summarize_modules(modules: list[dict]) -> dict:
+    """What a run's per-module records say, in a few numbers: the held-out module error after reconstruction
+    over before it (geometric mean over the reconstructed modules: what reconstruction optimises, on images its
+    updates did not see), and how many modules bias correction and the safeguard changed."""
+    rec = [m for m in modules if "reconstructed_error" in m]
+    out = {"modules": len(modules), "modules_bias_corrected": sum(1 for m in modules if m.get("bias_corrected")),
+           "modules_reverted": sum(1 for m in modules if m.get("reverted"))}
+    if rec:
+        out["heldout_error_ratio"] = statistics.geometric_mean(
+            [max(m["reconstructed_error"], 1e-12) / max(m["init_error"], 1e-12) for m in rec])
+    return out
 
 
 class TimeBudgetSpent(Exception):
     """A run was not started: the command's time budget was spent."""
 
 
-def run_specs(specs: list[dict], path: Path, command: str, jobs: int = 1, timeout: Optional[float] = None,
+def run_specs(specs: list[dict], path: Path, jobs: int = 1, timeout: Optional[float] = None,
               on_result: Optional[Callable[[dict], None]] = None, time_budget: Optional[float] = None) -> dict:
     """Run every spec not yet in ``path`` (``jobs`` at a time) and save after each one; return the data.
 
-    With ``time_budget`` (seconds), no run starts after it and a run still going then is stopped unrecorded:
-    for a lent machine whose time is counted; the next call resumes from the file.
+    With ``time_budget`` (seconds), no run starts after it and a run still going then is stopped unrecorded;
+    the next call resumes from the file.
     """
     deadline = None if time_budget is None else time.monotonic() + time_budget
 
@@ -297,10 +255,6 @@ def run_specs(specs: list[dict], path: Path, command: str, jobs: int = 1, timeou
     data = load_results(path)
     done = {spec_key(r) for r in data["runs"]}
     todo = [s for s in dict((spec_key(s), s) for s in specs).values() if spec_key(s) not in done]
-    data["meta"].setdefault("commands", [])
-    if command not in data["meta"]["commands"]:
-        data["meta"]["commands"].append(command)
-    data["meta"]["machine"] = machine_info(specs[0]["device"] if specs else "cpu")
     print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already in {path}, {len(todo)} to run "
           f"({jobs} at a time).", flush=True)
     started = time.perf_counter()
@@ -318,7 +272,6 @@ def run_specs(specs: list[dict], path: Path, command: str, jobs: int = 1, timeou
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 print(f"[{n}/{len(todo)}] FAILED {label}: {err}", file=sys.stderr, flush=True)
                 continue
-            result["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             data["runs"].append(result)
             save_results(path, data)
             print(f"[{n}/{len(todo)}] {label}: top1 {result['top1']:.2f} calib {result['calib_seconds']:.0f} s "

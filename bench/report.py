@@ -1,600 +1,541 @@
-"""``benchmark.md`` and ``top1_vs_bits.png`` from ``benchmark.json``: means and spreads over seeds, targets."""
+"""Every results table, rendered from the results files: ``bench/results/*.md``, and the blocks between
+``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in README.md and docs/results.md.
+
+    python -m bench report            # rewrite them (and the plot)
+    python -m bench report --check    # exit 1, naming them, if any differs from what the results files give
+
+It reads ``accuracy.json``, ``speed.json``, ``cuda_graphs.json`` and ``export.json`` in ``bench/results`` and
+imports neither torch nor the package, so ``--check`` runs in a second.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
+import re
 import statistics
+import sys
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from harness import heldout_error_ratio, reconstructed_modules, select, spec_key
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+DOCS = (REPO / "README.md", REPO / "docs" / "results.md")
 
-from adfq_lightning.io import atomic_write
-
-LABELS = {"fp": "FP32", "minmax": "MinMax (per-tensor)", "percentile": "Percentile (per-tensor)",
-          "adfq_init": "ADFQ, no reconstruction"}
-#: The ADFQ runs (no reconstruction and full, reference models and stress variants) made before the q/k/v grids
-#: moved from the squared error to L2.4 (2026-11-27) carry this tag. Reconstruction gains are measured within one
-#: generation: a tag's full ADFQ against the same tag's no-reconstruction runs.
-EARLIER_TAG = "before_qkv_l2.4"
-#: The ADFQ runs made before bias correction became ADFQ's default (2026-11-29) carry ``bias_correction: False``
-#: in ``changes``; those of the generation before it (L2.4 q/k/v grids), also this tag.
-NO_BIAS_CORRECTION_TAG = "no_bias_correction"
-#: the generations of the ADFQ runs, newest first, and the suffix of their rows' labels
-GENERATIONS = {"": "", NO_BIAS_CORRECTION_TAG: ", without bias correction (before 2026-11-29)",
-               EARLIER_TAG: ", squared-error q/k/v grid (earlier session)"}
-#: the settings each generation's runs carry in ``changes``: an ablation run (tagged by what it switches off)
-#: belongs to the generation whose settings it has
-GENERATION_CHANGES = {"": {"qkv_error_p": None, "bias_correction": None},
-                      NO_BIAS_CORRECTION_TAG: {"qkv_error_p": None, "bias_correction": False},
-                      EARLIER_TAG: {"qkv_error_p": 2.0}}
-#: The runs made with the step-size rate of the shipped DeiT and Swin CIFAR-10 W4A4 configs (``scale_lr`` 1.2e-4,
-#: three times the paper's, so that steps learn as far in 1,000 iterations as in its 3,000) carry this tag. On those
-#: models (and their outlier variants), where they ran, they are the default run's at its budget; the untagged runs
-#: at that budget keep the paper's rate, as the ViT config does.
-DEFAULT_RUN_TAG = "scale_lr_x3"
-DEFAULT_RUN_RATE = "step-size rate 1.2e-4"
-DEFAULT_RUN_TAG_MODELS = ("deit_cifar", "swin_cifar")
-#: the methods without reconstruction, measured at every width
-BITS_PRESETS = ("minmax", "percentile", "adfq_init")
-ABLATION_LABELS = {"no_ppoq": "w/o PPOQ", "no_slq": "w/o SLQ", "no_log_softmax": "w/o log-√2 softmax",
-                   "no_attn_kl": "w/o attention KL", "no_qdrop": "w/o QDrop"}
+MODELS = ("vit_cifar", "deit_cifar", "swin_cifar")
+VARIANTS = tuple(f"{m}_outliers" for m in MODELS)
+LABELS = {"fp": "FP32", "minmax": "MinMax", "percentile": "Percentile", "adfq_init": "ADFQ, no reconstruction"}
+#: the shipped CIFAR-10 W4A4 configs' recipe: 1,000 iterations per module, on DeiT and Swin step sizes at 1.2e-4
+RECIPE_ITERS = 1000
+RECIPE_CHANGES = {"vit_cifar": {}, "deit_cifar": {"scale_lr": 1.2e-4}, "swin_cifar": {"scale_lr": 1.2e-4}}
+#: the W6A6 configs' budget, and the budget of the ablation and stress groups
+SHORT_ITERS = 200
+ABLATIONS = (("no_ppoq", {"ppoq": False}, "w/o PPOQ"), ("no_slq", {"slq": False}, "w/o SLQ"),
+             ("no_log_softmax", {"log_softmax": False}, "w/o log-√2 softmax"),
+             ("no_attn_kl", {"attn_kl": False}, "w/o attention KL"), ("no_qdrop", {"qdrop_prob": 1.0}, "w/o QDrop"))
+NO_BC = {"bias_correction": False}
+ACC = "python -m bench accuracy"
 
 
-def top1s(runs: list[dict], **fields) -> list[float]:
-    return [r["top1"] for r in select(runs, **fields)]
+# -- runs and numbers -----------------------------------------------------------------------------------------
+
+def load(name: str) -> dict:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else {"runs": []}
 
 
-def stats(values: list[float]) -> Optional[tuple[float, float, int]]:
-    if not values:
-        return None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
+def key(r: dict) -> str:
+    return json.dumps([r.get(k) for k in ("model", "preset", "w_bits", "changes", "iters", "seed", "threads")],
+                      sort_keys=True)
 
 
-def cell(values: list[float], fmt: str = ".2f") -> str:
-    s = stats(values)
-    if s is None:
-        return "–"
-    mean, std, n = s
-    return f"{mean:{fmt}}" if n == 1 else f"{mean:{fmt}} ± {std:{fmt}}"
-
-
-def accuracy_runs(data: dict) -> list[dict]:
-    """The one-thread runs, each cell and seed once: a repeat made on another device before the device left
-    the run's key (``harness.KEY_FIELDS``) is left out, the first recorded counts."""
+def accuracy_runs(data: dict, threads: int = 1) -> list[dict]:
+    """Each cell and seed once (the first recorded), at ``threads`` threads."""
     seen, runs = set(), []
     for r in data["runs"]:
-        key = spec_key(r)
-        if r["threads"] == 1 and key not in seen:
-            seen.add(key)
+        if r["threads"] == threads and key(r) not in seen:
+            seen.add(key(r))
             runs.append(r)
     return runs
 
 
-def default_run_iters(bits: int, iters: int, default_iters: int) -> int:
-    """The shipped configs' budget at ``bits``: ``default_iters`` at W3A3 and W4A4, the short ``iters`` above,
-    where reconstruction has little left to recover."""
-    return default_iters if bits <= 4 else iters
+def pick(runs: list[dict], model: str, preset: str, bits: Optional[int] = None, iters: int = 0,
+         changes: Optional[dict] = None) -> list[dict]:
+    changes = changes or {}
+    return [r for r in runs if r["model"] == model and r["preset"] == preset and r["iters"] == iters
+            and (preset == "fp" or r["w_bits"] == bits) and r["changes"] == changes]
 
 
-def default_run_tag(runs: list[dict], tag: str, model: str, **fields) -> str:
-    """The tag of the default run's own runs at its budget in generation ``tag``: ``DEFAULT_RUN_TAG`` in the
-    current generation on the models whose configs set its rate, where they ran; else ``tag``."""
-    recipe = not tag and model.startswith(DEFAULT_RUN_TAG_MODELS)
-    return DEFAULT_RUN_TAG if recipe and select(runs, model=model, tag=DEFAULT_RUN_TAG, **fields) else tag
+def recipe(model: str, bits: int) -> tuple[int, dict]:
+    """(iterations, changes) of the shipped config's recipe for ``model`` (or its outlier variant)."""
+    if bits >= 5:
+        return SHORT_ITERS, {}
+    return RECIPE_ITERS, RECIPE_CHANGES[model.removesuffix("_outliers")]
 
 
-def rate_suffix(tag: str) -> str:
-    """What a label adds for the runs tagged ``tag``: the step-size rate of ``DEFAULT_RUN_TAG``, else nothing."""
-    return f", {DEFAULT_RUN_RATE}" if tag == DEFAULT_RUN_TAG else ""
-
-
-def method_rows(runs: list[dict], model: str, iters: int, default_iters: int) -> list[tuple[str, dict]]:
-    rows = [(LABELS[m], dict(model=model, preset=m, tag="")) for m in BITS_PRESETS]
-    for tag, suffix in GENERATIONS.items():
-        if tag and select(runs, model=model, preset="adfq_init", tag=tag):
-            rows.append((LABELS["adfq_init"] + suffix, dict(model=model, preset="adfq_init", tag=tag)))
-        for budget in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag=tag)}):
-            widths = sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq", tag=tag, iters=budget)
-                             if default_run_iters(r["w_bits"], iters, default_iters) == budget})
-            tried = [] if tag else sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq", iters=budget,
-                                                                         tag=DEFAULT_RUN_TAG)})
-            recipe = [b for b in tried if default_run_tag(runs, tag, model, iters=budget, w_bits=b) == DEFAULT_RUN_TAG]
-            default = (f" (default run's budget at {', '.join(f'W{b}A{b}' for b in widths)})"
-                       if widths and not tag and not recipe else "")
-            rows.append((f"ADFQ, {budget} it/module{suffix}{default}",
-                         dict(model=model, preset="adfq", tag=tag, iters=budget)))
-            if tried:
-                which = f" (default run's recipe at {', '.join(f'W{b}A{b}' for b in recipe)})" if recipe else ""
-                rows.append((f"ADFQ, {budget} it/module{rate_suffix(DEFAULT_RUN_TAG)}{which}",
-                             dict(model=model, preset="adfq", tag=DEFAULT_RUN_TAG, iters=budget)))
-    return rows
-
-
-def bits_table(runs: list[dict], model: str, iters: int, default_iters: int) -> list[str]:
-    bits = sorted({r["w_bits"] for r in select(runs, model=model) if r["w_bits"]})
-    fp = top1s(runs, model=model, preset="fp")
-    if not bits:
-        return [f"FP32 Top-1 {cell(fp)}; no quantized run yet."]
-    lines = [f"| {model} | " + " | ".join(f"W{b}A{b}" for b in bits) + " |", "|---|" + "---:|" * len(bits)]
-    lines.append("| FP32 | " + " | ".join(cell(fp) for _ in bits) + " |")
-    for label, fields in method_rows(runs, model, iters, default_iters):
-        lines.append(f"| {label} | " + " | ".join(cell(top1s(runs, w_bits=b, **fields)) for b in bits) + " |")
-    return lines
-
-
-def mean_of(runs, **fields) -> Optional[float]:
-    s = stats(top1s(runs, **fields))
-    return None if s is None else s[0]
-
-
-def std_of(runs, **fields) -> float:
-    s = stats(top1s(runs, **fields))
-    return 0.0 if s is None else s[1]
-
-
-def kl_of(runs, **fields) -> Optional[float]:
-    """Mean KL(FP32 || quantized) of the matching runs, None unless every one of them measured it."""
-    sel = select(runs, **fields)
-    return statistics.mean(r["kl_to_fp"] for r in sel) if sel and all("kl_to_fp" in r for r in sel) else None
-
-
-def generations(runs: list[dict], model: str, **fields) -> list[str]:
-    """The tags of ``GENERATIONS`` that have full-ADFQ runs of ``model`` (matching ``fields``), newest first."""
-    return [tag for tag in GENERATIONS if select(runs, model=model, preset="adfq", tag=tag, **fields)]
-
-
-def in_generation(run: dict, tag: str, varied: tuple[str, ...] = ()) -> bool:
-    """Whether ``run`` was made with generation ``tag``'s settings; ``varied``: the settings the run's own variant
-    changes, left out of the comparison."""
-    return all(run["changes"].get(k) == v for k, v in GENERATION_CHANGES[tag].items() if k not in varied)
-
-
-def ablated(runs: list[dict], ablation: str, generation: str, **fields) -> list[float]:
-    """Top-1 of the runs with ``ablation`` switched off, made with ``generation``'s settings."""
-    return [r["top1"] for r in select(runs, tag=ablation, **fields) if in_generation(r, generation)]
-
-
-def verdict(text: str, ok: bool) -> str:
-    return f"- {'met' if ok else '**missed**'}: {text}"
-
-
-def targets(runs: list[dict], model: str, iters: int, default_iters: int) -> list[str]:
-    """The targets of issue 9 §4 and issue 10 §3-4 for one model at the default run's budgets: measured, with the
-    margin."""
-    fp = mean_of(runs, model=model, preset="fp")
-    if fp is None:
-        return []
-    out, tag = [], (generations(runs, model, iters=default_iters) or [""])[0]
-    budget = {b: default_run_iters(b, iters, default_iters) for b in (3, 4, 6)}
-    tags = {b: default_run_tag(runs, tag, model=model, iters=budget[b], w_bits=b) for b in budget}
-    w4, w3, w6 = (mean_of(runs, model=model, preset="adfq", iters=budget[b], w_bits=b, tag=tags[b]) for b in (4, 3, 6))
-    pct4 = mean_of(runs, model=model, preset="percentile", w_bits=4)
-    where = {b: f"W{b}A{b}{GENERATIONS[tag]}, {budget[b]} it{rate_suffix(tags[b])}," for b in budget}
-    if w4 is not None:
-        out.append(verdict(f"{where[4]} loses {fp - w4:.2f} Top-1 (target ≤ 1.0)", fp - w4 <= 1.0))
-        if pct4 is not None:
-            out.append(verdict(f"{where[4]} beats Percentile by {w4 - pct4:.2f} (target ≥ 1.0)", w4 - pct4 >= 1.0))
-    if w3 is not None:
-        out.append(verdict(f"{where[3]} loses {fp - w3:.2f} Top-1 (target ≤ 4.0)", fp - w3 <= 4.0))
-    if w6 is not None:
-        out.append(verdict(f"{where[6]} is {abs(fp - w6):.2f} from FP (target ≤ 0.3)", abs(fp - w6) <= 0.3))
-    for b in sorted({r["w_bits"] for r in select(runs, model=model, preset="adfq_init", tag="")}):
-        init = mean_of(runs, model=model, preset="adfq_init", tag="", w_bits=b)
-        baseline = better_baseline(runs, model, b)
-        if baseline is not None:
-            base = mean_of(runs, model=model, preset=baseline, w_bits=b)
-            spread = max(std_of(runs, model=model, preset="adfq_init", tag="", w_bits=b),
-                         std_of(runs, model=model, preset=baseline, w_bits=b))
-            kl = [fidelity_cell(select(runs, model=model, preset=m, tag="", w_bits=b)) for m in ("adfq_init", baseline)]
-            paired = seed_by_seed_difference(runs, dict(model=model, preset="adfq_init", tag="", w_bits=b),
-                                             dict(model=model, preset=baseline, w_bits=b))
-            out.append(verdict(f"W{b}A{b}: ADFQ without reconstruction {init - base:+.2f} vs the better baseline "
-                               f"({LABELS[baseline]}; larger std {spread:.2f}; {paired}; target ≥ 0); same prediction "
-                               f"as FP32 · KL to FP32 {kl[0]} vs {kl[1]}", init >= base))
-    return out + reconstruction_checks(runs, model) + budget_targets(runs, model, iters, default_iters)
-
-
-def better_baseline(runs: list[dict], model: str, bits: int) -> Optional[str]:
-    """MinMax or Percentile, whichever has the higher mean Top-1 on ``model`` at ``bits`` (None if neither ran)."""
-    means = {m: mean_of(runs, model=model, preset=m, w_bits=bits) for m in ("minmax", "percentile")}
-    return max((m for m in means if means[m] is not None), key=lambda m: means[m], default=None)
-
-
-def seed_by_seed_difference(runs: list[dict], fields: dict, other: dict) -> str:
-    """Top-1 of ``fields`` minus ``other``'s on each seed both ran: mean and standard error. Both calibrate on the
-    same images in a seed, so the seed-to-seed drift that both share drops out of the comparison."""
-    by_seed = [{r["seed"]: r["top1"] for r in select(runs, **kw)} for kw in (fields, other)]
-    diffs = [by_seed[0][s] - by_seed[1][s] for s in sorted(by_seed[0].keys() & by_seed[1].keys())]
-    if len(diffs) < 2:
-        return "no seeds to pair"
-    return (f"seed by seed {statistics.mean(diffs):+.2f}, standard error "
-            f"{statistics.stdev(diffs) / len(diffs) ** 0.5:.2f} over {len(diffs)} seeds")
-
-
-def on_seeds_of(runs: list[dict], **fields) -> list[dict]:
-    """The runs of the seeds that the cell ``fields`` ran: a gain over no reconstruction is taken on the seeds
-    that measured its start, not on seeds added to one budget alone."""
-    seeds = {r["seed"] for r in select(runs, **fields)}
-    return [r for r in runs if r["seed"] in seeds]
-
-
-def reconstruction_checks(runs: list[dict], model: str, prefix: str = "") -> list[str]:
-    """Issue 10 §3 at W3A3 and W4A4: full ADFQ never below no reconstruction by more than one std, per budget
-    and generation."""
-    out = []
-    for tag in generations(runs, model):
-        for b in (3, 4):
-            seeded = on_seeds_of(runs, model=model, preset="adfq_init", tag=tag, w_bits=b)
-            init = mean_of(seeded, model=model, preset="adfq_init", tag=tag, w_bits=b)
-            for budget in sorted({r["iters"] for r in select(seeded, model=model, preset="adfq", tag=tag, w_bits=b)}):
-                full = mean_of(seeded, model=model, preset="adfq", tag=tag, iters=budget, w_bits=b)
-                spread = max(std_of(seeded, model=model, preset="adfq", tag=tag, iters=budget, w_bits=b),
-                             std_of(seeded, model=model, preset="adfq_init", tag=tag, w_bits=b))
-                if init is not None and full is not None:
-                    out.append(verdict(f"{prefix}W{b}A{b}, {budget} it{GENERATIONS[tag]}: reconstruction "
-                                       f"{full - init:+.2f} over none (never below by more than one std, {spread:.2f})",
-                                       full >= init - spread))
-    return out
-
-
-def budget_targets(runs: list[dict], model: str, iters: int, default_iters: int, prefix: str = "") -> list[str]:
-    """Issue 10 §3: the gain at 1,000 iterations (W3A3), and at W3A3 and W4A4 the share of the 3,000-iteration
-    gain (and of its calibration time) that the default run's budget reaches, within each generation that ran the
-    longer budgets; the short budget ``iters`` beside it, for comparison. At W4A4 the gains are tenths, inside the
-    spread: the share by KL is the steadier measure."""
-    out = []
-    for b in (3, 4):
-        for tag in generations(runs, model, w_bits=b):
-            fields = dict(model=model, preset="adfq", tag=tag, w_bits=b)
-            start = dict(fields, preset="adfq_init")
-            seeded = on_seeds_of(runs, **start)
-            init = mean_of(seeded, **start)
-            if init is None:
-                continue
-            where = f"{prefix}W{b}A{b}{GENERATIONS[tag]}"
-            at_1000 = mean_of(seeded, iters=1000, **fields)
-            if b == 3 and at_1000 is not None:
-                out.append(verdict(f"{where}, 1000 it: reconstruction gains {at_1000 - init:+.2f} (target ≥ 1.0)",
-                                   at_1000 - init >= 1.0))
-            recipe = default_run_tag(seeded, tag, model=model, w_bits=b, iters=default_iters)
-            arms = [(default_iters, recipe), (default_iters, tag)] + [(default_iters, DEFAULT_RUN_TAG)] * (not tag)
-            for n, (budget, arm_tag) in enumerate(dict.fromkeys(arms + [(iters, tag)])):
-                share = share_of_3000(seeded, fields, init, budget, arm_tag)
-                if share is None:
-                    continue
-                text, target, ok = share
-                if n == 0:
-                    out.append(verdict(f"{where}, the default run's budget{rate_suffix(arm_tag)} (target: {target}): "
-                                       f"{text}", ok))
-                else:
-                    rate = f"the {DEFAULT_RUN_RATE}" if arm_tag == DEFAULT_RUN_TAG else "the paper's step-size rate"
-                    other = rate if budget == default_iters else "the short budget"
-                    out.append(f"- for comparison, {other}: {where}: {text}")
-    return out
-
-
-def share_of_3000(seeded: list[dict], fields: dict, init: float, budget: int,
-                  budget_tag: str) -> Optional[tuple[str, str, bool]]:
-    """How much of the 3,000-iteration gain over no reconstruction ``budget`` iterations (the runs tagged
-    ``budget_tag``) reach, by Top-1 and by KL, and in what share of the time: the text, the target it is held to
-    and whether it meets it; None unless both budgets ran."""
-    arm = {budget: dict(fields, iters=budget, tag=budget_tag), 3000: dict(fields, iters=3000)}
-    start = dict(fields, preset="adfq_init")
-    seeds = {r["seed"] for r in select(seeded, **arm[budget])}
-    fewer = ""
-    if seeds < {r["seed"] for r in select(seeded, **arm[3000])}:  # gains within the seeds the budget ran
-        seeded = [r for r in seeded if r["seed"] in seeds]
-        init, fewer = mean_of(seeded, **start), f" (on seeds {', '.join(map(str, sorted(seeds)))}, those it ran)"
-    at = {it: mean_of(seeded, **arm[it]) for it in (budget, 3000)}
-    if at[3000] is None or at[budget] is None:
+def mean_std(values: list[float]) -> Optional[tuple[float, float]]:
+    if not values:
         return None
-    seconds = {it: statistics.mean(r["calib_seconds"] for r in select(seeded, **arm[it])) for it in (budget, 3000)}
-    time_share = (f"in {seconds[budget] / seconds[3000]:.0%} of its calibration time ({seconds[budget]:.0f} s "
-                  f"vs {seconds[3000]:.0f} s)")
-    kl = [kl_of(seeded, **start)] + [kl_of(seeded, **arm[it]) for it in (budget, 3000)]
-    by_kl = (f"; by KL to FP32 {(kl[0] - kl[1]) / (kl[0] - kl[2]):.0%} of its reduction"
-             if None not in kl and kl[0] > kl[2] else "")
-    spread = max(std_of(seeded, **arm[budget]), std_of(seeded, **start))
-    top1 = (f"Top-1 {at[budget]:.2f} vs {at[3000]:.2f}, from {init:.2f} (larger std {spread:.2f}"
-            f"{'; the 3000-it gain is inside it' if at[3000] - init <= spread else ''})")
-    if at[3000] > init:
-        share = (at[budget] - init) / (at[3000] - init)
-        return (f"{budget} it reach {share:.0%} of the 3000-it gain{fewer}, {top1}"
-                f"{paired_share(seeded, fields, arm[budget])}"
-                f"{by_kl}, {time_share}", "≥ 90 % of the 3000-it gain", share >= 0.9)
-    # 3,000 iterations gained nothing: the budget reaches that if it is not below
-    return (f"3000 it gain {at[3000] - init:+.2f} over none{fewer}, {budget} it {at[budget] - init:+.2f}, {top1}"
-            f"{by_kl}, {time_share}", "not below 3000 it", at[budget] >= at[3000])
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def paired_share(runs: list[dict], fields: dict, short: dict) -> str:
-    """The share of the 3,000-iteration gain that the runs ``short`` reach on the seeds that ran 3,000 iterations:
-    where the other budgets ran more seeds, their means and the 3,000-iteration runs calibrate on other images."""
-    seeds = {r["seed"] for r in select(runs, iters=3000, **fields)}
-    if seeds == {r["seed"] for r in select(runs, **short)}:
-        return ""
-    top1 = [[r["top1"] for r in select(runs, **kw) if r["seed"] in seeds]
-            for kw in (dict(fields, preset="adfq_init"), short, dict(fields, iters=3000))]
-    if any(len(values) != len(seeds) for values in top1[:2]):
-        return ""
-    init, short, long = (statistics.mean(values) for values in top1)
-    if long <= init:
-        return ""
-    share = (short - init) / (long - init)
-    return f"; on seed {', '.join(map(str, sorted(seeds)))} alone, paired: {share:.0%}"
-
-
-def stress_variants(runs: list[dict]) -> list[str]:
-    return sorted({r["model"] for r in runs if r["model"].endswith("_outliers")})
-
-
-def stress_table(runs: list[dict], iters: int) -> list[str]:
-    variants = stress_variants(runs)
-    if not variants:
-        return []
-    lines = ["| variant | FP32 | bits | MinMax | Percentile | ADFQ, no reconstruction | same w/o PPOQ | "
-             f"ADFQ, {iters} it/module | ADFQ w/o PPOQ, {iters} it/module | "
-             "outlier ratio (mean over qkv/fc1 inputs) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for v in variants:
-        fp = cell(top1s(runs, model=v, preset="fp"))
-        for tag in [t for t in GENERATIONS if select(runs, model=v, preset="adfq_init", tag=t)]:
-            for b in (4, 3):
-                full = select(runs, model=v, preset="adfq", tag=tag, iters=iters, w_bits=b)
-                init = select(runs, model=v, preset="adfq_init", tag=tag, w_bits=b)
-                ratios = [x for r in full + init for m in r.get("modules", []) for x in m.get("outlier_ratio", {}).values()]
-                ratio = f"{statistics.mean(ratios):.2%}" if ratios else "–"
-                lines.append(f"| {v}{GENERATIONS[tag]} | {fp} | W{b}A{b} | "
-                             f"{cell(top1s(runs, model=v, preset='minmax', w_bits=b))} | "
-                             f"{cell(top1s(runs, model=v, preset='percentile', w_bits=b))} | "
-                             f"{cell([r['top1'] for r in init])} | "
-                             f"{cell(ablated(runs, 'no_ppoq', tag, model=v, preset='adfq_init', w_bits=b))} | "
-                             f"{cell([r['top1'] for r in full])} | "
-                             f"{cell(ablated(runs, 'no_ppoq', tag, model=v, preset='adfq', iters=iters, w_bits=b))} | "
-                             f"{ratio} |")
-    return lines
-
-
-def stress_budget_table(runs: list[dict], iters: int, default_iters: int) -> list[str]:
-    """Full ADFQ on the stress variants at every budget run, beside no reconstruction, and issue 10 §3's checks
-    (``default_iters``: the default run's budget at W3A3 and W4A4; ``iters``: the short budget)."""
-    variants = stress_variants(runs)
-    budgets = sorted({r["iters"] for v in variants for r in select(runs, model=v, preset="adfq")
-                      if r["tag"] in GENERATIONS})
-    if len(budgets) < 2:
-        return []
-    lines = ["| variant | bits | ADFQ, no reconstruction | " + " | ".join(f"{it} it/module" for it in budgets) + " |",
-             "|---|---|---:|" + "---:|" * len(budgets)]
-    for v in variants:
-        for tag in generations(runs, v):
-            for b in (4, 3):
-                lines.append(f"| {v}{GENERATIONS[tag]} | W{b}A{b} | "
-                             f"{cell(top1s(runs, model=v, preset='adfq_init', tag=tag, w_bits=b))} | "
-                             + " | ".join(cell(top1s(runs, model=v, preset="adfq", tag=tag, iters=it, w_bits=b))
-                                          for it in budgets) + " |")
-    checks = [line for v in variants for line in reconstruction_checks(runs, v, prefix=f"{v}, ")
-              + budget_targets(runs, v, iters, default_iters, prefix=f"{v}, ")]
-    return lines + ["", "Targets (issue 10 §3 on the stress variants; means over seeds):", ""] + checks
-
-
-def ablation_table(runs: list[dict], iters: int) -> list[str]:
-    tags = [t for t in ABLATION_LABELS if select(runs, tag=t, preset="adfq")]
-    if not tags:
-        return []
-    lines = ["| model | bits | full ADFQ | " + " | ".join(ABLATION_LABELS[t] for t in tags) + " |",
-             "|---|---|---:|" + "---:|" * len(tags)]
-    for model, base in sorted({(r["model"], tag) for r in runs if r["tag"] in tags and r["preset"] == "adfq"
-                               for tag in GENERATIONS if in_generation(r, tag)}):
-        # each generation's ablations against its own full runs
-        for b in (4, 3):
-            full = stats(top1s(runs, model=model, preset="adfq", tag=base, iters=iters, w_bits=b))
-            cells = []
-            for t in tags:
-                off = stats(ablated(runs, t, base, model=model, preset="adfq", iters=iters, w_bits=b))
-                if off is None or full is None:
-                    cells.append("–")
-                    continue
-                delta = off[0] - full[0]
-                if off[2] == 1:  # no spread of its own: say so rather than judge
-                    cells.append(f"{off[0]:.2f} ({delta:+.2f}, 1 seed)")
-                    continue
-                noise = abs(delta) <= max(off[1], full[1])
-                cells.append(f"{off[0]:.2f} ± {off[1]:.2f} ({delta:+.2f}{', noise' if noise else ''})")
-            lines.append(f"| {model}{GENERATIONS[base]} | W{b}A{b} | "
-                         f"{cell(top1s(runs, model=model, preset='adfq', tag=base, iters=iters, w_bits=b))} | "
-                         + " | ".join(cells) + " |")
-    return lines
-
-
-def convergence_table(runs: list[dict]) -> list[str]:
-    """Reconstruction by budget, per model, generation and width: how settled the rounding ends, the held-out
-    module errors, and the whole model's Top-1 and distance to FP32 (the first row, 0 it: no reconstruction). The
-    distance, not Top-1, is what reconstruction optimises; on 5,000 images Top-1 moves by tenths for other reasons."""
-    lines = ["| model | bits | it/module | undecided rounding at the end (mean over modules) | "
-             "held-out error after / before (geometric mean) | modules reverted (all seeds) | Top-1 | "
-             "same prediction as FP32 · KL to FP32 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    keys = sorted({(r["model"], r["tag"], r["w_bits"]) for r in runs
-                   if r["preset"] == "adfq" and r["tag"] in GENERATIONS})
-    for model, tag, b in keys:
-        start = select(runs, model=model, preset="adfq_init", tag=tag, w_bits=b)
-        if start:
-            lines.append(f"| {model}{GENERATIONS[tag]} | W{b}A{b} | 0 | – | – | – | "
-                         f"{cell([r['top1'] for r in start])} | {fidelity_cell(start)} |")
-        for it in sorted({r["iters"] for r in select(runs, model=model, preset="adfq", tag=tag, w_bits=b)}):
-            full = select(runs, model=model, preset="adfq", tag=tag, w_bits=b, iters=it)
-            mods = reconstructed_modules(full)
-            if not mods:
-                continue
-            ratio = heldout_error_ratio(mods)
-            lines.append(f"| {model}{GENERATIONS[tag]} | W{b}A{b} | {it} | "
-                         f"{statistics.mean(m['undecided'] for m in mods):.2f} | {ratio:.2f} | "
-                         f"{sum(bool(m['reverted']) for m in mods)} | {cell([r['top1'] for r in full])} | "
-                         f"{fidelity_cell(full)} |")
-    return lines
-
-
-def fidelity_cell(runs: list[dict]) -> str:
-    """Mean agreement with FP32's predictions and mean KL(FP32 || quantized) of the runs that measured them."""
-    runs = [r for r in runs if "fp_agreement" in r]
-    if not runs:
+def cell(runs: list[dict], field: str = "top1", fmt: str = ".2f") -> str:
+    s = mean_std([r[field] for r in runs if r.get(field) is not None])
+    if s is None:
         return "–"
-    return (f"{statistics.mean(r['fp_agreement'] for r in runs):.2f} % · "
-            f"{statistics.mean(r['kl_to_fp'] for r in runs):.4f}")
+    return f"{s[0]:{fmt}}" if len(runs) == 1 else f"{s[0]:{fmt}} ± {s[1]:{fmt}}"
 
 
-def fidelity_table(runs: list[dict]) -> list[str]:
-    """Distance to the float model, finer than Top-1 where every method ties: per reference model and method
-    without reconstruction (the runs every seed of which measured it), across bits."""
-    measured = [r for r in runs if "fp_agreement" in r and r["tag"] in ("", NO_BIAS_CORRECTION_TAG)
-                and r["preset"] in BITS_PRESETS and not r["model"].endswith("_outliers")]
-    bits = sorted({r["w_bits"] for r in measured})
-    lines = ["| model | method | " + " | ".join(f"W{b}A{b}" for b in bits) + " |", "|---|---|" + "---:|" * len(bits)]
-    for model in sorted({r["model"] for r in measured}):
-        for label, fields in method_rows(measured, model, iters=0, default_iters=0):
-            sel = select(measured, **fields)
-            if sel:
-                lines.append(f"| {model} | {label} | " + " | ".join(fidelity_cell(select(sel, w_bits=b)) for b in bits)
-                             + " |")
-    return lines if measured else []
+def mean(runs: list[dict], field: str = "top1") -> Optional[float]:
+    values = [r[field] for r in runs if r.get(field) is not None]
+    return statistics.mean(values) if values else None
 
 
-def qkv_grid_table(runs: list[dict]) -> list[str]:
-    """ADFQ without reconstruction with the q/k/v grids searched by the reference's L2.4 error (the default)
-    and by the squared error: Top-1 and KL to FP32 at every width measured both ways, on the seeds run both ways
-    (paired: the same calibration images)."""
-    l2 = [r for r in runs if r["tag"] == "qkv_l2" and r["preset"] == "adfq_init"
-          and in_generation(r, "", varied=("qkv_error_p",))]
-    lines = ["| model | bits | Top-1, L2.4 (default) | Top-1, L2 | Δ Top-1 | KL to FP32, L2.4 | KL to FP32, L2 |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for model, b in sorted({(r["model"], r["w_bits"]) for r in l2}):
-        old = select(l2, model=model, w_bits=b)
-        seeds = {r["seed"] for r in old}
-        default = [r for r in select(runs, model=model, preset="adfq_init", tag="", w_bits=b) if r["seed"] in seeds]
-        if not default:
-            continue
-        delta = stats([r["top1"] for r in default])[0] - stats([r["top1"] for r in old])[0]
-        kl = [cell([r["kl_to_fp"] for r in sel if "kl_to_fp" in r], ".4f") for sel in (default, old)]
-        lines.append(f"| {model} | W{b}A{b} | {cell([r['top1'] for r in default])} | {cell([r['top1'] for r in old])} "
-                     f"| {delta:+.2f} | {kl[0]} | {kl[1]} |")
-    return lines if len(lines) > 2 else []
+def by_seed(runs: list[dict]) -> dict:
+    return {r["seed"]: r for r in runs}
+
+
+def paired(a: list[dict], b: list[dict], field: str = "top1") -> Optional[tuple[float, float, int]]:
+    """Mean of b − a over the seeds both ran, its standard error, and how many seeds."""
+    sa, sb = by_seed(a), by_seed(b)
+    diffs = [sb[s][field] - sa[s][field] for s in sorted(set(sa) & set(sb))]
+    if not diffs:
+        return None
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return statistics.mean(diffs), se, len(diffs)
+
+
+def share(init: list[dict], short: list[dict], full: list[dict], field: str) -> str:
+    """What the short budget gains over no reconstruction, as a share of what the full budget gains, on the
+    seeds all three ran (for KL, the share of the reduction)."""
+    seeds = set(by_seed(init)) & set(by_seed(short)) & set(by_seed(full))
+    if not seeds:
+        return "–"
+    m = lambda runs: statistics.mean(by_seed(runs)[s][field] for s in seeds)  # noqa: E731
+    gain_short, gain_full = m(short) - m(init), m(full) - m(init)
+    return "–" if gain_full == 0 else f"{100 * gain_short / gain_full:.0f} %"
+
+
+def signed(x: float) -> str:
+    return f"{x:+.2f}".replace("-", "−")
+
+
+def seed_counts(runs: list[dict]) -> str:
+    counts = sorted({len(rs) for rs in runs if rs})
+    if not counts:
+        return "–"
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def machines(runs: list[dict]) -> str:
+    """The machines that made ``runs``, most runs first."""
+    def name(m: dict) -> str:
+        if not m:
+            return "a machine not recorded"
+        torch = str(m.get("torch", "?")).split("+")[0]
+        gpu = f", {m['gpu']}" if m.get("gpu") else ""
+        return f"{m.get('cpu_count')}-core {m.get('cpu_model')} CPU{gpu}, torch {torch}"
+    counts = Counter(name(r.get("machine", {})) for r in runs)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{n} ({c} runs)" for n, c in counts.most_common())
+
+
+def about(command: str, runs: list[dict], seeds: str, extra: str = "") -> str:
+    """The line under every accuracy table: how to regenerate it, where it ran, seeds and spread."""
+    return (f"*Regenerate: `{command}`. Machine: {machines(runs)}; one thread per run. Seeds: {seeds} per cell "
+            f"(mean ± std over calibration seeds).{(' ' + extra) if extra else ''}*")
+
+
+def table(header: list[str], rows: list[list[str]], align: Optional[list[str]] = None) -> list[str]:
+    align = align or ["---"] * len(header)
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+# -- accuracy tables ---------------------------------------------------------------------------------------------
+
+def accuracy_table(runs: list[dict]) -> list[str]:
+    """README: the three reference models at W4A4 and W3A3."""
+    rows, used, counts = [], [], []
+    for model in MODELS:
+        fp = pick(runs, model, "fp")
+        for bits in (4, 3):
+            iters, changes = recipe(model, bits)
+            cells = [pick(runs, model, p, bits) for p in ("minmax", "percentile")]
+            adfq = pick(runs, model, "adfq", bits, iters, changes)
+            used += fp + adfq + cells[0] + cells[1]
+            counts.append(adfq)
+            rows.append([f"`{model}`", f"W{bits}A{bits}", cell(fp), cell(cells[0]), cell(cells[1]),
+                         f"**{cell(adfq)}**", str(len(adfq))])
+    lines = table(["model", "bits", "FP32", "MinMax", "Percentile", "ADFQ", "seeds"], rows,
+                  ["---", "---", "---:", "---:", "---:", "---:", "---:"])
+    return lines + ["", about(f"{ACC} --groups bits budget --bits 3 4 --budget-iters 1000 --seeds 0 1 2 3 4; "
+                              f"{ACC} --groups budget --bits 3 4 --budget-iters 1000 --models deit_cifar swin_cifar "
+                              "--changes '{\"scale_lr\": 1.2e-4}' --tag scale_lr_x3", used, seed_counts(counts),
+                              "Top-1 % on the 5,000 validation images; MinMax and Percentile are per-tensor; ADFQ "
+                              "is the shipped W4A4 configs' recipe (1,000 iterations per module; step sizes at "
+                              "1.2e-4 on DeiT and Swin).")]
+
+
+def bits_table(runs: list[dict]) -> list[str]:
+    lines, used, counts = [], [], []
+    widths = (3, 4, 5, 6, 7, 8)
+    for model in MODELS:
+        rows = [["FP32"] + [cell(pick(runs, model, "fp"))] * len(widths)]
+        used += pick(runs, model, "fp")
+        for preset in ("minmax", "percentile", "adfq_init"):
+            cells = [pick(runs, model, preset, b) for b in widths]
+            used += [r for c in cells for r in c]
+            counts += cells
+            rows.append([LABELS[preset]] + [cell(c) for c in cells])
+        adfq = [pick(runs, model, "adfq", b, *recipe(model, b)) for b in widths]
+        used += [r for c in adfq for r in c]
+        rows.append(["ADFQ, shipped recipe"] + [cell(c) for c in adfq])
+        rows.append(["seeds (no reconstruction / recipe)"]
+                    + [f"{len(pick(runs, model, 'adfq_init', b))} / {len(a)}" if a else
+                       str(len(pick(runs, model, "adfq_init", b))) for b, a in zip(widths, adfq)])
+        lines += [f"**{model}**", ""] + table([model] + [f"W{b}A{b}" for b in widths], rows,
+                                               ["---"] + ["---:"] * len(widths)) + [""]
+    return lines + [about(f"{ACC} --groups bits adfq budget --seeds 0 1 2 (and --bits 6 7 8 --seeds 3 4 5 6 7 8 9 "
+                          "where the methods tie)", used, seed_counts(counts),
+                          "The shipped recipe: 1,000 iterations per module at W3A3 and W4A4 (step sizes at 1.2e-4 on "
+                          "DeiT and Swin), 200 at W6A6.")]
+
+
+def budget_table(runs: list[dict], models=MODELS, groups: str = "budget") -> list[str]:
+    rows, used, counts = [], [], []
+    for model in models:
+        for bits in (3, 4):
+            init = pick(runs, model, "adfq_init", bits)
+            budgets = [pick(runs, model, "adfq", bits, it) for it in (100, 200, 1000)]
+            rate = pick(runs, model, "adfq", bits, 1000, {"scale_lr": 1.2e-4})
+            full = pick(runs, model, "adfq", bits, 3000)
+            iters, changes = recipe(model, bits)
+            rec = pick(runs, model, "adfq", bits, iters, changes)
+            used += init + rate + full + [r for b in budgets for r in b]
+            counts += [init, full, rec]
+            secs = [statistics.median(r["calib_seconds"] for r in rs) if rs else None for rs in (rec, full)]
+            speed = f"{secs[0]:.0f} / {secs[1]:.0f}" if None not in secs else "–"
+            rows.append([f"`{model}`", f"W{bits}A{bits}", cell(init)] + [cell(b) for b in budgets]
+                        + [cell(rate), cell(full), share(init, rec, full, "top1"), share(init, rec, full, "kl_to_fp"),
+                           speed])
+    header = ["model", "bits", "no reconstruction", "100 it", "200 it", "1,000 it", "1,000 it, step sizes 1.2e-4",
+              "3,000 it", "recipe: share of the 3,000-it Top-1 gain", "… of its KL reduction",
+              "calibration s, recipe / 3,000 it"]
+    lines = table(header, rows, ["---", "---"] + ["---:"] * (len(header) - 2))
+    first = "bits budget" if groups == "budget" else "stress stress_budget"
+    short = "adfq" if groups == "budget" else "stress"
+    return lines + ["", about(f"{ACC} --groups {first} --bits 3 4 --budget-iters 100 1000 3000 --seeds 0 1 2 "
+                              f"(200 it: --groups {short}; step sizes at 1.2e-4: --groups {groups} --budget-iters 1000 "
+                              "--changes '{\"scale_lr\": 1.2e-4}' --tag scale_lr_x3)", used, seed_counts(counts),
+                              "3,000 it ran on seeds 0-2 (five where noted by the seed count). Shares are taken on "
+                              "the seeds all three budgets ran; the recipe is the 1,000-it column the model's config "
+                              "uses. Calibration seconds: median, two runs sharing two cores.")]
+
+
+def ablation_table(runs: list[dict], base: dict, with_bias_correction: bool) -> list[str]:
+    rows, used, counts = [], [], []
+    columns = list(ABLATIONS) + ([("no_bias_correction", NO_BC, "w/o bias correction")] if with_bias_correction else [])
+    for model in MODELS:
+        for bits in (4, 3):
+            full = pick(runs, model, "adfq", bits, SHORT_ITERS, base)
+            used += full
+            counts.append(full)
+            row = [f"`{model}`", f"W{bits}A{bits}", cell(full)]
+            for _, changes, _ in columns:
+                off = pick(runs, model, "adfq", bits, SHORT_ITERS, {**base, **changes})
+                used += off
+                if not off or not full:
+                    row.append("–")
+                    continue
+                delta = mean(off) - mean(full)
+                spread = max(mean_std([r["top1"] for r in full])[1], mean_std([r["top1"] for r in off])[1])
+                mark = f"**{signed(delta)}**" if abs(delta) > spread else signed(delta)
+                row.append(f"{cell(off)} ({mark})")
+            rows.append(row)
+    header = ["model", "bits", "full ADFQ"] + [label for _, _, label in columns]
+    lines = table(header, rows, ["---", "---"] + ["---:"] * (len(header) - 2))
+    changes = f" --changes '{json.dumps(base)}' --tag no_bias_correction" if base else ""
+    return lines + ["", about(f"{ACC} --groups ablation adfq --bits 3 4 --seeds 0 1 2{changes}", used,
+                              seed_counts(counts),
+                              f"Full ADFQ at {SHORT_ITERS} iterations per module with one component off; in brackets "
+                              "the difference to full ADFQ, in bold where it is larger than the larger of the two "
+                              "stds.")]
+
+
+def ppoq_table(runs: list[dict]) -> list[str]:
+    rows, used, counts = [], [], []
+    for v in VARIANTS:
+        for bits in (4, 3):
+            cells = [pick(runs, v, "adfq", bits, SHORT_ITERS), pick(runs, v, "adfq", bits, SHORT_ITERS, {"ppoq": False}),
+                     pick(runs, v, "adfq_init", bits), pick(runs, v, "adfq_init", bits, 0, {"ppoq": False})]
+            used += [r for c in cells for r in c]
+            counts += cells
+            rows.append([f"`{v}`", f"W{bits}A{bits}"] + [cell(c) for c in cells])
+    lines = table(["variant", "bits", f"ADFQ, {SHORT_ITERS} it", "… w/o PPOQ", "ADFQ, no reconstruction",
+                   "… w/o PPOQ"], rows, ["---", "---", "---:", "---:", "---:", "---:"])
+    return lines + ["", about(f"{ACC} --groups ablation stress --bits 3 4 --seeds 0 1 2", used, seed_counts(counts))]
 
 
 def bias_correction_table(runs: list[dict]) -> list[str]:
-    """ADFQ with bias correction (the default) against the same seeds' runs without it (paired: the same
-    calibration images), without reconstruction and at each budget run both ways, and each against the better
-    baseline of those seeds."""
-    lines = ["| model | bits | ADFQ | seeds | Top-1 without → with | Δ Top-1 (seed SE) | KL to FP32 without → with | "
-             "modules corrected | vs the better baseline, without → with (seed SE) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    cells = sorted({(r["model"].endswith("_outliers"), r["model"], r["w_bits"], r["iters"]) for r in runs
-                    if r["tag"] == NO_BIAS_CORRECTION_TAG})
-    pair = lambda diffs: (f"{statistics.mean(diffs):+.2f}"  # noqa: E731
-                          + (f" ({statistics.stdev(diffs) / len(diffs) ** 0.5:.2f})" if len(diffs) > 1 else ""))
-    for _, model, b, iters in cells:
-        fields = dict(model=model, preset="adfq" if iters else "adfq_init", w_bits=b, iters=iters)
-        with_, without = ({r["seed"]: r for r in select(runs, tag=tag, **fields)} for tag in ("", NO_BIAS_CORRECTION_TAG))
-        baseline = better_baseline(runs, model, b)
-        base = {r["seed"]: r["top1"] for r in select(runs, model=model, preset=baseline, w_bits=b)}
-        seeds = sorted(with_.keys() & without.keys() & base.keys())
-        if not seeds:
+    rows, used, counts = [], [], []
+    cells = [(m, b, 0) for m in MODELS for b in (3, 4, 5, 6, 7, 8)] + [(m, b, RECIPE_ITERS) for m in MODELS for b in (3, 4)]
+    cells += [(v, b, it) for v in VARIANTS for b in (3, 4) for it in (0, RECIPE_ITERS)]
+    for model, bits, iters in cells:
+        preset = "adfq" if iters else "adfq_init"
+        on, off = pick(runs, model, preset, bits, iters), pick(runs, model, preset, bits, iters, NO_BC)
+        d, k = paired(off, on), paired(off, on, "kl_to_fp")
+        if d is None:
             continue
-        top1 = [cell([d[s]["top1"] for s in seeds]) for d in (without, with_)]
-        kl = [statistics.mean(d[s]["kl_to_fp"] for s in seeds) for d in (without, with_)]
-        corrected = statistics.mean(sum(m.get("bias_corrected", False) for m in with_[s]["modules"]) for s in seeds)
-        lines.append(f"| {model} | W{b}A{b} | {f'{iters} it/module' if iters else 'no reconstruction'} | "
-                     f"{len(seeds)} | {top1[0]} → {top1[1]} | "
-                     f"{pair([with_[s]['top1'] - without[s]['top1'] for s in seeds])} | "
-                     f"{kl[0]:.4f} → {kl[1]:.4f} ({kl[1] / kl[0] - 1:+.0%}) | "
-                     f"{corrected:.1f} of {len(with_[seeds[0]]['modules'])} | "
-                     f"{pair([without[s]['top1'] - base[s] for s in seeds])} → "
-                     f"{pair([with_[s]['top1'] - base[s] for s in seeds])} ({LABELS[baseline]}) |")
-    return lines if len(lines) > 2 else []
+        seeds = set(by_seed(on)) & set(by_seed(off))
+        on, off = [r for r in on if r["seed"] in seeds], [r for r in off if r["seed"] in seeds]
+        used += on + off
+        counts.append(on)
+        kl_off, kl_on = mean(off, "kl_to_fp"), mean(on, "kl_to_fp")
+        corrected = mean(on, "modules_bias_corrected")
+        total = mean(on, "modules")
+        rows.append([f"`{model}`", f"W{bits}A{bits}", f"{iters} it" if iters else "none", str(d[2]),
+                     f"{cell(off)} → {cell(on)}", f"{signed(d[0])} ({d[1]:.2f})",
+                     f"{kl_off:.4f} → {kl_on:.4f} ({100 * (kl_on - kl_off) / kl_off:+.0f} %)",
+                     f"{corrected:.1f} of {total:.0f}" if corrected is not None else "–"])
+    lines = table(["model", "bits", "reconstruction", "seeds", "Top-1 without → with", "Δ Top-1 (seed SE)",
+                   "KL to FP32 without → with", "modules corrected"], rows,
+                  ["---", "---", "---", "---:", "---:", "---:", "---:", "---:"])
+    return lines + ["", about(f"{ACC} --groups bits budget stress_budget --budget-iters 1000 --changes "
+                              "'{\"bias_correction\": false}' --tag no_bias_correction", used, seed_counts(counts),
+                              "Each seed with and without bias correction on the same calibration images; Δ is the "
+                              "paired difference, with its standard error over seeds.")]
 
 
-def cost_table(data: dict) -> list[str]:
-    """Calibration time and memory of the W4A4 accuracy runs made here (one thread each, two runs sharing the cores)."""
-    local_torch = data["meta"].get("machine", {}).get("torch")
-    runs = [r for r in accuracy_runs(data) if r["device"] == "cpu" and r.get("torch") == local_torch and r["tag"] == ""
-            and r["w_bits"] == 4 and r["preset"] != "fp"]
-    lines = ["| model | method | runs | calibration wall time | peak memory rise |", "|---|---|---:|---:|---:|"]
-    for model, preset, it in sorted({(r["model"], r["preset"], r["iters"]) for r in runs}):
-        sel = select(runs, model=model, preset=preset, iters=it)
-        mem = [r["peak_mem_mb"] for r in sel if r.get("peak_mem_mb") is not None]
-        lines.append(f"| {model} | {LABELS.get(preset, f'ADFQ, {it} it/module')} | {len(sel)} | "
-                     f"{cell([r['calib_seconds'] for r in sel], '.0f')} s | {cell(mem, '.0f')} MB |")
-    return lines if runs else []
+def qkv_grid_table(runs: list[dict]) -> list[str]:
+    rows, used, counts = [], [], []
+    for model in MODELS:
+        for bits in (4, 6, 8):
+            l2 = pick(runs, model, "adfq_init", bits, 0, {"qkv_error_p": 2.0})
+            if not l2:
+                continue
+            seeds = set(by_seed(l2))
+            l24 = [r for r in pick(runs, model, "adfq_init", bits) if r["seed"] in seeds]
+            used += l2 + l24
+            counts.append(l2)
+            d = paired(l2, l24)
+            rows.append([f"`{model}`", f"W{bits}A{bits}", cell(l24), cell(l2), signed(d[0]) if d else "–",
+                         cell(l24, "kl_to_fp", ".4f"), cell(l2, "kl_to_fp", ".4f")])
+    lines = table(["model", "bits", "Top-1, L2.4 (default)", "Top-1, squared error", "Δ Top-1", "KL to FP32, L2.4",
+                   "KL to FP32, squared error"], rows, ["---", "---"] + ["---:"] * 5)
+    return lines + ["", about(f"{ACC} --groups qkv_grid --models vit_cifar deit_cifar --bits 4 6 8 --seeds 0 1 2",
+                              used, seed_counts(counts), "ADFQ without reconstruction, the same calibration images "
+                              "both ways.")]
+
+
+def stress_table(runs: list[dict]) -> list[str]:
+    rows, used, counts = [], [], []
+    for v in VARIANTS:
+        fp = pick(runs, v, "fp")
+        for bits in (4, 3):
+            iters, changes = recipe(v, bits)
+            cells = [pick(runs, v, p, bits) for p in ("minmax", "percentile", "adfq_init")]
+            cells += [pick(runs, v, "adfq", bits, it) for it in (100, 200)]
+            cells += [pick(runs, v, "adfq", bits, iters, changes), pick(runs, v, "adfq", bits, 3000)]
+            used += fp + [r for c in cells for r in c]
+            counts += cells
+            rows.append([f"`{v}`", f"W{bits}A{bits}", cell(fp)] + [cell(c) for c in cells])
+    lines = table(["variant", "bits", "FP32", "MinMax", "Percentile", "ADFQ, no reconstruction", "100 it", "200 it",
+                   "1,000 it (recipe)", "3,000 it"], rows, ["---", "---"] + ["---:"] * 8)
+    return lines + ["", about(f"{ACC} --groups stress stress_budget --bits 3 4 --seeds 0 1 2", used,
+                              seed_counts(counts), "The recipe column is the base model's config recipe.")]
 
 
 def timing_table(data: dict) -> list[str]:
-    """The timing runs of the current generation (an earlier generation's are superseded), model by model."""
-    order = ["minmax", "percentile", "adfq_init", "adfq"]
-    runs = sorted((r for r in data["runs"] if r["threads"] > 1 and r["tag"] == ""),
-                  key=lambda r: (r["model"] != "vit_cifar", r["model"], order.index(r["preset"])))
-    if not runs:
-        return []
-    lines = ["| model | method | W4A4 Top-1 | calibration wall time | peak memory rise |", "|---|---|---:|---:|---:|"]
+    runs = accuracy_runs(data, threads=2)
+    rows = []
+    for model in MODELS:
+        for preset in ("minmax", "percentile", "adfq_init", "adfq"):
+            for r in [r for r in runs if r["model"] == model and r["preset"] == preset and not r["changes"]][:1]:
+                label = LABELS.get(preset, f"ADFQ, {r['iters']} it/module")
+                rows.append([f"`{model}`", label, f"{r['top1']:.2f}", f"{r['calib_seconds']:.1f} s",
+                             f"{r['peak_mem_mb']:.0f} MB" if r.get("peak_mem_mb") is not None else "–"])
+    lines = table(["model", "method", "W4A4 Top-1", "calibration wall time", "peak memory rise"], rows,
+                  ["---", "---", "---:", "---:", "---:"])
+    return lines + ["", f"*Regenerate: `{ACC} --groups timing`. Machine: {machines(runs)}; each run alone with two "
+                        "threads, seed 0 (one seed: Top-1 rounds differently from the one-thread runs).*"]
+
+
+# -- speed, CUDA graphs, export ------------------------------------------------------------------------------------
+
+PAPER_IMAGES, PAPER_ITERS, PAPER_BATCH = 1024, 3000, 32
+
+
+def projection(r: dict) -> dict:
+    """The paper's budget from the measured per-module costs: preparation scaled linearly to 1,024 images,
+    iteration time to batch 32 and 3,000 iterations."""
+    scale_images, scale_batch = PAPER_IMAGES / r["num_calib"], PAPER_BATCH / r["batch_size"]
+    prepare = sum(m["prepare_s"] + m["finish_s"] for m in r["modules"]) * scale_images
+    iterate = sum(m["iter_s"] for m in r["modules"]) * PAPER_ITERS * scale_batch
+    per_kind = {}
+    for k in ("attention", "mlp"):
+        its = [m["iter_s"] for m in r["modules"] if m["kind"] == k]
+        per_kind[k] = statistics.mean(its) if its else None
+    return {"hours": (prepare + iterate + r["weight_search_s"]) / 3600, "per_kind_iter_s": per_kind,
+            "max_cache_mb_1024": max(m["cache_mb"] for m in r["modules"]) * scale_images}
+
+
+def device_name(r: dict) -> str:
+    m = r.get("machine", {})
+    if r.get("gpu"):
+        return f"{r['gpu']} ({'CUDA graphs' if r.get('cuda_graphs') else 'eager'})"
+    return f"{m.get('cpu_count', '?')}-core {m.get('cpu_model', 'CPU')} ({r['threads']} threads)"
+
+
+def speed_table(data: dict, gpu: bool) -> list[str]:
+    runs = [r for r in data["runs"] if bool(r.get("gpu")) == gpu]
+    rows = []
     for r in runs:
-        label = LABELS.get(r["preset"], f"ADFQ, {r['iters']} it/module")
-        lines.append(f"| {r['model']} | {label} | {r['top1']:.2f} | {r['calib_seconds']:.1f} s | "
-                     f"{r['peak_mem_mb']:.0f} MB |")
-    return lines
+        p = projection(r)
+        k = p["per_kind_iter_s"]
+        peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb")
+        rows.append([r["model"], device_name(r), f"{r['num_calib']} / {r['batch_size']} / {r['iters']}",
+                     f"{k['attention']:.3f} / {k['mlp']:.3f}", f"{p['max_cache_mb_1024'] / 1024:.1f} GB",
+                     f"{peak / 1024:.1f} GB", f"{p['hours']:.2f} h ({p['hours'] * 60:.0f} min)" if gpu else
+                     f"{p['hours']:.1f} h", f"{r['total_s'] / 60:.1f} min"])
+    lines = table(["model", "device", "images / batch / it per module", "s/iter attention / MLP",
+                   "largest module cache at 1,024 images", "peak memory", "projected paper budget", "measured run"],
+                  rows, ["---", "---", "---", "---:", "---:", "---:", "---:", "---:"])
+    commands = sorted({r.get("command", "python -m bench speed") for r in runs}, key=len)
+    torch = sorted({str(r.get("machine", {}).get("torch", r.get("torch", "?"))).split("+")[0] for r in runs})
+    return lines + ["", f"*Regenerate: {'; '.join(f'`{c}`' for c in commands)}. torch {', '.join(torch)}; random "
+                        "weights at 224 px, W4A4. The paper's budget (1,024 images, batch 32, 3,000 iterations per "
+                        "module) is projected from the measured run: iteration time scaled to batch 32, per-module "
+                        "preparation to 1,024 images. An estimate, not a run.*"]
 
 
-def platforms(data: dict) -> str:
-    """How many runs each machine made (runs merged from a GPU machine carry their own description)."""
-    counts: Counter = Counter()
-    for r in data["runs"]:
-        m = r.get("machine")
-        if m is None:  # runs made before the machine was recorded
-            counts[f"CPUs of earlier sessions (model not recorded), torch {r.get('torch')}"] += 1
-            continue
-        where = m.get("gpu", "GPU") if r["device"].startswith("cuda") else f"{m.get('cpu_count')} CPUs ({m.get('cpu_model')})"
-        counts[f"{where}, torch {r.get('torch', m.get('torch'))}"] += 1
-    return "Runs per machine: " + "; ".join(f"{n} on {where}" for where, n in counts.items()) + "."
+def cuda_graphs_table(data: dict) -> list[str]:
+    if not data.get("runs"):
+        return ["–"]
+    rows = [[f"`{r['model']}`", f"{r['bit_identical']} / {r['tensors']}", f"{r['max_abs_diff']:.1e}",
+             f"{r['logits_max_abs_diff']:.1e}", f"{r['prediction_agreement']:.2f} %",
+             f"{r['top1_eager']:.2f} / {r['top1_graphed']:.2f}", f"{r['seconds_eager']:.1f} / {r['seconds_graphed']:.1f}"]
+            for r in data["runs"]]
+    m = data["machine"]
+    lines = table(["model", "tensors bit-identical", "largest difference", "logits largest difference",
+                   "same prediction", "Top-1 eager / graphed", "reconstruction s eager / graphed"], rows,
+                  ["---"] + ["---:"] * 6)
+    return lines + ["", f"*Regenerate: `{data['command']}` (needs a GPU). Machine: {m.get('gpu')}, torch "
+                        f"{str(m.get('torch')).split('+')[0]}. W{data['bits']}A{data['bits']}, {data['num_calib']} "
+                        f"calibration images, {data['iters']} iterations per module with rounding hardened half way "
+                        "(each module captured twice), one seed.*"]
 
 
-def render(data: dict, iters: int, default_iters: int) -> str:
+def export_tables(r: dict) -> list[str]:
+    if not r:
+        return ["–"]
+    fp32, fp16 = r["fp32_bytes"], r["fp16_bytes"]
+    sizes = [["FP32 state_dict", f"{fp32 / 1024:.0f} KiB", "1.00", ""],
+             ["FP16 state_dict", f"{fp16 / 1024:.0f} KiB", f"{fp32 / fp16:.2f}x smaller", "1.00"]]
+    sizes += [[f"W4A4 {name}", f"{size / 1024:.0f} KiB", f"{fp32 / size:.2f}x smaller", f"{fp16 / size:.2f}x smaller"]
+              for name, size in r["sizes"].items()]
+    parity = [[name, f"{p['top1']:.2f}", f"{p['max_abs_diff']:.2e}" if "max_abs_diff" in p else "–",
+               f"{p['agreement']:.2f} %" if "agreement" in p else "–"] for name, p in r["parity"].items()]
+    base = r["seconds_per_batch_64"]["FP32 eager"]
+    speed = [[name, f"{s * 1000:.1f}", f"{s / base:.2f}x"] for name, s in r["seconds_per_batch_64"].items()]
+    m = r["machine"]
+    return (table(["file", "size", "vs FP32 state_dict", "vs FP16"], sizes, ["---", "---:", "---:", "---:"]) + [""]
+            + table(["model", "Top-1 (5,000 val images)", "max abs logit difference to fake-quant",
+                     "same prediction as fake-quant"], parity, ["---", "---:", "---:", "---:"]) + [""]
+            + table(["inference, batch of 64", "ms", "vs FP32 eager"], speed, ["---", "---:", "---:"])
+            + ["", f"*Regenerate: `{r['command'].strip()}`. Machine: {m['cpu_count']}-core {m['cpu_model']} CPU, "
+                   f"{r['threads']} threads, torch {str(m['torch']).split('+')[0]}. `vit_cifar` at W4A4 with the shipped "
+                   f"config's recipe ({r['config']['iters']:,} iterations per module), calibration seed "
+                   f"{r['config']['seed']}; one run.*"])
+
+
+def calibration_time_line(speed: dict) -> list[str]:
+    """README: one line on calibration time at real sizes."""
+    gpu = [r for r in speed["runs"] if r.get("gpu") and r.get("cuda_graphs") and r["model"] == "deit_small_patch16_224"]
+    cpu = [r for r in speed["runs"] if not r.get("gpu") and r["model"] == "deit_small_patch16_224"]
+    if not gpu or not cpu:
+        return ["–"]
+    g = max(gpu, key=lambda r: r["num_calib"] * r["iters"])
+    c = cpu[0]
+    return [f"DeiT-S at W4A4 with the paper's budget (1,024 images, 3,000 iterations per module): about "
+            f"{projection(g)['hours'] * 60:.1f} min on one {g['gpu']} with CUDA graphs (projected from a "
+            f"{g['num_calib']:,}-image, {g['iters']:,}-iteration run that took {g['total_s'] / 60:.1f} min), "
+            f"{projection(c)['hours']:.0f} h on {c['machine'].get('cpu_count', 2)} CPU cores (projected)."]
+
+
+# -- rendering ---------------------------------------------------------------------------------------------------
+
+def blocks() -> dict[str, list[str]]:
+    data = load("accuracy.json")
     runs = accuracy_runs(data)
-    lines = ["# ADFQ-ViT benchmark on the reference CIFAR-10 models", "", "Produced by:", ""]
-    lines += [f"- `{c}`" for c in data["meta"].get("commands", [])]
-    lines += [f"- `{c}` (on {m['machine'].get('gpu', m['machine'].get('cpu_model'))}, merged)"
-              for m in data["meta"].get("merged", []) for c in m["commands"]] + [""]
-    repeats = sum(r["threads"] == 1 for r in data["runs"]) - len(runs)
-    if repeats:
-        lines += [f"{repeats} runs repeat a cell and seed already run on another device; only the first recorded "
-                  "counts.", ""]
-    lines += [f"Note: {note}" for note in data["meta"].get("notes", [])] + ([""] if data["meta"].get("notes") else [])
-    lines += [f"{platforms(data)} Top-1 % on the 5,000 validation images, mean ± std over calibration seeds (each seed: another 1,024 "
-              "calibration images from the training split, and another reconstruction seed). A difference smaller "
-              "than the spread is noise. Patch embedding and classifier stay at 8 bits.", ""]
-    for model in [m for m in ("vit_cifar", "deit_cifar", "swin_cifar") if select(runs, model=m)]:
-        lines += [f"## {model}", ""] + bits_table(runs, model, iters, default_iters) + [""]
-        checks = targets(runs, model, iters, default_iters)
-        if checks:
-            lines += ["Targets (issue 9 §4, issue 10 §3-4; means over seeds):", ""] + checks + [""]
-    for title, body in (("Stress variants (ImageNet-like outlier channels, same function)", stress_table(runs, iters)),
-                        ("Stress variants: full ADFQ by budget", stress_budget_table(runs, iters, default_iters)),
-                        (f"Ablation (full ADFQ, {iters} it/module, one component off; Δ vs full)",
-                         ablation_table(runs, iters)),
-                        ("Convergence of reconstruction", convergence_table(runs)),
-                        ("Distance to the float model (same prediction as FP32 · KL(FP32 ‖ quantized) in nats, "
-                         "means over seeds)", fidelity_table(runs)),
-                        ("Bias correction, ADFQ's default since 2026-11-29, against the same seeds without it",
-                         bias_correction_table(runs)),
-                        ("q/k/v grid: the reference's L2.4 search error against the squared error (no "
-                         "reconstruction)", qkv_grid_table(runs)),
-                        ("Calibration wall time and peak memory at W4A4 (accuracy runs: 1 thread, two runs sharing "
-                         "the 2 cores)", cost_table(data)),
-                        ("Calibration wall time and peak memory (one run each, alone on the machine)",
-                         timing_table(data))):
-        if body:
-            lines += [f"## {title}", ""] + body + [""]
-    return "\n".join(lines)
+    speed, graphs, export = load("speed.json"), load("cuda_graphs.json"), load("export.json")
+    export = export if "sizes" in export else {}
+    return {
+        "accuracy": accuracy_table(runs),
+        "calibration_time": calibration_time_line(speed),
+        "bits": bits_table(runs),
+        "budget": budget_table(runs),
+        "ablation": ablation_table(runs, {}, with_bias_correction=True),
+        "ablation_no_bias_correction": ablation_table(runs, NO_BC, with_bias_correction=False),
+        "ppoq": ppoq_table(runs),
+        "bias_correction": bias_correction_table(runs),
+        "qkv_grid": qkv_grid_table(runs),
+        "stress": stress_table(runs),
+        "stress_budget": budget_table(runs, VARIANTS, "stress_budget"),
+        "timing": timing_table(data),
+        "speed_cpu": speed_table(speed, gpu=False),
+        "speed_gpu": speed_table(speed, gpu=True),
+        "cuda_graphs": cuda_graphs_table(graphs),
+        "export": export_tables(export),
+    }
 
 
-def render_plot(data: dict, path: Path) -> None:
+#: the results files' own Markdown: title, then the blocks in order
+RESULT_PAGES = {
+    "accuracy.md": ("Accuracy (CIFAR-10 reference models)", {
+        "accuracy": "W4A4 and W3A3", "bits": "Every bit width", "budget": "Reconstruction budget",
+        "ablation": "Ablation", "ablation_no_bias_correction": "Ablation with `bias_correction: false`",
+        "ppoq": "PPOQ on the outlier variants", "bias_correction": "Bias correction",
+        "qkv_grid": "q/k/v grid error", "stress": "Outlier variants", "stress_budget": "Outlier variants by budget",
+        "timing": "Calibration time and memory"}),
+    "speed.md": ("Calibration speed at real sizes", {
+        "calibration_time": "In one line", "speed_cpu": "CPU", "speed_gpu": "GPU", "cuda_graphs": "CUDA graphs"}),
+    "export.md": ("Export", {"export": "The shipped W4A4 ViT, every format"}),
+}
+
+
+def render_page(title: str, sections: dict, rendered: dict) -> str:
+    lines = [f"# {title}", "", "Rendered by `python -m bench report` from the JSON files beside this one.", ""]
+    for name, heading in sections.items():
+        lines += [f"## {heading}", ""] + rendered[name] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+MARKER = re.compile(r"(<!-- results:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+def fill_markers(text: str, rendered: dict) -> str:
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in rendered:
+            raise KeyError(f"unknown results block {name!r}")
+        return m.group(1) + "\n".join(rendered[name]) + "\n" + m.group(4)
+    return MARKER.sub(sub, text)
+
+
+def outputs() -> dict[Path, str]:
+    rendered = blocks()
+    out = {RESULTS / name: render_page(title, sections, rendered) for name, (title, sections) in RESULT_PAGES.items()}
+    for path in DOCS:
+        if path.is_file():
+            out[path] = fill_markers(path.read_text(), rendered)
+    return out
+
+
+def render_plot(path: Path) -> None:
     try:
         import matplotlib
 
@@ -602,23 +543,18 @@ def render_plot(data: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    runs = accuracy_runs(data)
-    models = [m for m in ("vit_cifar", "deit_cifar", "swin_cifar") if select(runs, model=m)]
-    if not models:
-        return
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
-    series = [("minmax", ""), ("percentile", ""), ("adfq_init", ""), ("adfq", "")]
-    for ax, model in zip(axes[0], models):
-        for preset, tag in series:
-            budgets = sorted({r["iters"] for r in select(runs, model=model, preset=preset, tag=tag)})
-            for budget in budgets[:1] if preset == "adfq" else [0]:
-                fields = dict(model=model, preset=preset, tag=tag, iters=budget)
-                bits = sorted({r["w_bits"] for r in select(runs, **fields)})
-                points = [stats(top1s(runs, w_bits=b, **fields)) for b in bits]
-                label = LABELS.get(preset, f"ADFQ ({budget} it/module)")
-                ax.errorbar(bits, [p[0] for p in points], yerr=[p[1] for p in points], marker="o", capsize=3,
-                            label=label)
-        fp = mean_of(runs, model=model, preset="fp")
+    runs = accuracy_runs(load("accuracy.json"))
+    fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4.2), squeeze=False)
+    widths = (3, 4, 5, 6, 7, 8)
+    for ax, model in zip(axes[0], MODELS):
+        series = [(LABELS[p], lambda b, p=p: pick(runs, model, p, b)) for p in ("minmax", "percentile", "adfq_init")]
+        series.append(("ADFQ, shipped recipe", lambda b: pick(runs, model, "adfq", b, *recipe(model, b))))
+        for label, get in series:
+            points = [(b, mean_std([r["top1"] for r in get(b)])) for b in widths]
+            points = [(b, s) for b, s in points if s]
+            ax.errorbar([b for b, _ in points], [s[0] for _, s in points], yerr=[s[1] for _, s in points],
+                        marker="o", capsize=3, label=label)
+        fp = mean(pick(runs, model, "fp"))
         if fp is not None:
             ax.axhline(fp, color="k", linestyle="--", linewidth=1, label=f"FP32 ({fp:.1f})")
         ax.set_title(model)
@@ -634,6 +570,23 @@ def render_plot(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_reports(data: dict, out: Path, iters: int, default_iters: int) -> None:
-    atomic_write(out / "benchmark.md", render(data, iters, default_iters).encode())
-    render_plot(data, out / "top1_vs_bits.png")
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 naming every file whose tables differ from the results files")
+    args = p.parse_args(argv)
+    out = outputs()
+    stale = [path for path, text in out.items() if not path.is_file() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"out of date: {path.relative_to(REPO)} (run python -m bench report)", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(out[path])
+        os.replace(tmp, path)
+        print(f"wrote {path.relative_to(REPO)}")
+    render_plot(RESULTS / "top1_vs_bits.png")
+    return 0

@@ -11,12 +11,18 @@ activation-cache size; and for the run: peak memory. It then projects the paper'
 (iteration time scaled linearly from the measured batch to 32 when they differ; cache memory linearly to
 1,024 images). Accuracy is not measured (random weights).
 
-    python bench/speed.py                                  # CPU, small budget (minutes on 2 cores)
-    python bench/speed.py --device cuda --num-calib 64 --batch-size 32 --iters 20
-    python bench/speed.py --device cuda --num-calib 64 --batch-size 32 --iters 20 --no-cuda-graphs
-    python bench/speed.py --report-only
+    python -m bench speed                                  # CPU, small budget (about 10 minutes on 2 cores)
+    python -m bench speed --device cuda --models deit_small_patch16_224 --num-calib 64 --batch-size 32 --iters 20
+    python -m bench speed --device cuda --models deit_small_patch16_224 --num-calib 64 --batch-size 32 \
+        --iters 20 --no-cuda-graphs
+    python -m bench speed --check-graphs                   # on a GPU: the same result with and without CUDA graphs
 
-Writes ``bench/results/speed.json`` (one entry per model and device, resumable) and ``speed.md``.
+``--check-graphs`` quantizes each reference model twice on the GPU (W4A4, 256 of the bundle's images, 40
+iterations per module, rounding hardened at half way so that each module is captured twice), with and without
+CUDA graphs, and compares every parameter and buffer, the logits on the 5,000 validation images and Top-1.
+
+Writes ``bench/results/speed.json`` (one entry per model, device and setting, resumable) and, with
+``--check-graphs``, ``cuda_graphs.json``; ``python -m bench report`` renders them.
 """
 
 from __future__ import annotations
@@ -31,8 +37,6 @@ import time
 from pathlib import Path
 
 from harness import REPO, RESULT_PREFIX, load_results, machine_info, proc_status_mb, reset_peak_rss, save_results
-
-from adfq_lightning.io import atomic_write
 
 PAPER_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit_tiny_patch16_224", "deit_small_patch16_224",
                 "deit_base_patch16_224", "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
@@ -52,8 +56,7 @@ def measure(spec: dict) -> dict:
 
     from adfq_lightning import ADFQConfig, prepare
     from adfq_lightning.models import RandomWeightsWarning, create_model
-    from adfq_lightning.reconstruction import Reconstructor
-    from adfq_lightning.reconstruction.engine import make_optimizer
+    from adfq_lightning.reconstruction import Reconstructor, make_optimizer
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -109,51 +112,70 @@ def measure(spec: dict) -> dict:
     return result
 
 
-def projection(r: dict) -> dict:
-    """The paper's budget from the measured per-module costs (see the module docstring)."""
-    scale_images, scale_batch = PAPER_IMAGES / r["num_calib"], PAPER_BATCH / r["batch_size"]
-    prepare = sum(m["prepare_s"] + m["finish_s"] for m in r["modules"]) * scale_images
-    iterate = sum(m["iter_s"] for m in r["modules"]) * PAPER_ITERS * scale_batch
-    per_kind = {}
-    for k in ("attention", "mlp", "other"):
-        its = [m["iter_s"] for m in r["modules"] if m["kind"] == k]
-        per_kind[k] = statistics.mean(its) if its else None
-    return {"hours": (prepare + iterate + r["weight_search_s"]) / 3600, "iterate_hours": iterate / 3600,
-            "per_kind_iter_s": per_kind, "max_cache_mb_1024": max(m["cache_mb"] for m in r["modules"]) * scale_images}
+def quantized(model_name: str, graphs: bool, calib, val, args) -> dict:
+    import torch
+
+    from adfq_lightning import ADFQConfig, quantize
+    from adfq_lightning.zoo import create_reference_model
+
+    model = create_reference_model(model_name, pretrained=True).cuda()
+    config = ADFQConfig(w_bits=args.bits, a_bits=args.bits, iters=args.iters, batch_size=args.batch_size,
+                        harden_at=0.5, cuda_graphs=graphs)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    quantize(model, calib.cuda(), config)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        logits = torch.cat([model(val[i : i + 1000].cuda()) for i in range(0, len(val), 1000)])
+    return {"seconds": seconds, "logits": logits, "state": model.state_dict()}
 
 
-def render(data: dict) -> str:
-    lines = ["# Calibration speed at real sizes (random weights, 224 px)", "", "Produced by:", ""]
-    lines += [f"- `{c}`" for c in data["meta"].get("commands", [])] + [""]
-    m = data["meta"].get("machine", {})
-    lines += [f"Machine: {m.get('cpu_count')} CPUs ({m.get('cpu_model')}), torch {m.get('torch')}"
-              + (f", GPU {m['gpu']}" if m.get("gpu") else "") + ".", ""]
-    lines += ["Seconds per reconstruction iteration (median, per module kind, at the measured batch), the "
-              "largest activation cache of one module (measured, and scaled to 1,024 images), peak memory, and the "
-              "projected time of the paper's budget (1,024 images, 3,000 iterations per module, batch 32). The "
-              "projection scales the measured per-iteration time linearly to batch 32 and the per-module "
-              "preparation linearly to 1,024 images: an estimate, not a run. *run* is the measured wall time of the "
-              "whole calibration at the table's images, batch and iterations (the paper's budget where they are "
-              "1,024 / 32 / 3,000).", ""]
-    lines += ["| model | device | images / batch / iters | s/iter attention | s/iter MLP | s/iter other | weight search s | "
-              "max cache MB (measured / at 1,024) | peak memory MB | projected paper budget | run |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in data["runs"]:
-        p = projection(r)
-        k = p["per_kind_iter_s"]
-        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-        peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb")
-        label = "GPU " + r["gpu"] if r.get("gpu") else "CPU"
-        graphs = ", CUDA graphs" if r.get("gpu") and r.get("cuda_graphs") else ""
-        lines.append(f"| {r['model']} | {label} ({r['threads']} threads{graphs}) | {r['num_calib']} / "
-                     f"{r['batch_size']} / {r['iters']} | {fmt(k['attention'])} | {fmt(k['mlp'])} | {fmt(k['other'])} | "
-                     f"{r['weight_search_s']:.1f} | {max(x['cache_mb'] for x in r['modules']):.0f} / "
-                     f"{p['max_cache_mb_1024']:.0f} | {peak:.0f} | {p['hours']:.2f} h | {r['total_s'] / 60:.1f} min |")
-    return "\n".join(lines) + "\n"
+def compare(model_name: str, calib, val, labels, args) -> dict:
+    """One reference model quantized with and without CUDA graphs, the two compared."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    eager, graphed = (quantized(model_name, g, calib, val, args) for g in (False, True))
+    pairs = [(eager["state"][k], v) for k, v in graphed["state"].items() if v.is_floating_point()]
+    identical = sum(bool(torch.equal(a, b)) for a, b in pairs)
+    labels = labels.cuda()
+    same = eager["logits"].argmax(1) == graphed["logits"].argmax(1)
+    top1 = {name: float(multiclass_accuracy(r["logits"], labels, num_classes=10, average="micro")) * 100
+            for name, r in (("eager", eager), ("graphed", graphed))}
+    return {"model": model_name, "tensors": len(pairs), "bit_identical": identical,
+            "max_abs_diff": max(float((a - b).abs().max()) for a, b in pairs),
+            "logits_max_abs_diff": float((eager["logits"] - graphed["logits"]).abs().max()),
+            "prediction_agreement": float(same.float().mean()) * 100,
+            "top1_eager": top1["eager"], "top1_graphed": top1["graphed"],
+            "seconds_eager": eager["seconds"], "seconds_graphed": graphed["seconds"]}
+
+
+def check_graphs(args, command: str) -> int:
+    import torch
+
+    from adfq_lightning.atomic import atomic_write
+    from adfq_lightning.data import cifar10_eval_transform, load_bundle
+
+    if not torch.cuda.is_available():
+        print("--check-graphs needs a CUDA device", file=sys.stderr)
+        return 2
+    bundle = load_bundle()
+    transform = cifar10_eval_transform()
+    calib, val = transform(bundle["calib_images"][: args.num_calib]), transform(bundle["val_images"][:5000])
+    data = {"command": command, "machine": machine_info("cuda"), "bits": 4, "num_calib": args.num_calib,
+            "num_val": len(val), "iters": args.iters, "batch_size": args.batch_size, "runs": []}
+    for name in ("vit_cifar", "deit_cifar", "swin_cifar"):
+        data["runs"].append(compare(name, calib, val, bundle["val_labels"][:5000], args))
+        print(json.dumps(data["runs"][-1]), flush=True)
+        atomic_write(args.out / "cuda_graphs.json", (json.dumps(data, indent=1) + "\n").encode())
+    return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench speed", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--models", nargs="+", default=list(PAPER_MODELS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-device", default=None, help="where the activation cache lives (default: the device)")
@@ -163,43 +185,45 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch every kernel of an iteration eagerly on a GPU (ADFQConfig.cuda_graphs=False)")
+    p.add_argument("--check-graphs", action="store_true",
+                   help="on a GPU: each reference model quantized with and without CUDA graphs, compared "
+                        "(with --num-calib 256 --iters 40 --batch-size 32 unless given)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    p.add_argument("--report-only", action="store_true")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
         print(RESULT_PREFIX + json.dumps(measure(json.loads(args._worker))), flush=True)
         return 0
+    given = argv if argv is not None else sys.argv[1:]
+    command = shlex.join(["python", "-m", "bench", "speed", *given])
+    if args.check_graphs:
+        for flag, value in (("--num-calib", 256), ("--iters", 40), ("--batch-size", 32)):
+            if flag not in given:
+                setattr(args, flag[2:].replace("-", "_"), value)
+        return check_graphs(args, command)
     path = args.out / "speed.json"
     data = load_results(path)
-    if not args.report_only:
-        command = shlex.join(["python", "bench/speed.py", *(argv if argv is not None else sys.argv[1:])])
-        data["meta"].setdefault("commands", [])
-        if command not in data["meta"]["commands"]:
-            data["meta"]["commands"].append(command)
-        data["meta"]["machine"] = machine_info(args.device)
-        for model in args.models:
-            spec = {"model": model, "device": args.device, "cache_device": args.cache_device,
-                    "num_calib": args.num_calib, "batch_size": args.batch_size, "iters": args.iters,
-                    "threads": args.threads, "cuda_graphs": args.cuda_graphs}
-            if any(all(r.get(k) == v for k, v in spec.items()) for r in data["runs"]):
-                continue
-            print(f"{model} on {args.device} ...", flush=True)
-            done = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True,
-                                  text=True, cwd=REPO)
-            lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-            if done.returncode or not lines:
-                print(f"  FAILED:\n{done.stderr[-2000:]}", file=sys.stderr)
-                continue
-            result = json.loads(lines[-1][len(RESULT_PREFIX):])
-            data["runs"].append(result)
-            save_results(path, data)
-            print(f"  projected paper budget {projection(result)['hours']:.1f} h, run {result['total_s']:.0f} s",
-                  flush=True)
-    atomic_write(args.out / "speed.md", render(data).encode())
-    print(render(data))
+    for model in args.models:
+        spec = {"model": model, "device": args.device, "cache_device": args.cache_device,
+                "num_calib": args.num_calib, "batch_size": args.batch_size, "iters": args.iters,
+                "threads": args.threads, "cuda_graphs": args.cuda_graphs}
+        if any(all(r.get(k) == v for k, v in spec.items()) for r in data["runs"]):
+            continue
+        print(f"{model} on {args.device} ...", flush=True)
+        done = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True,
+                              text=True, cwd=REPO)
+        lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if done.returncode or not lines:
+            print(f"  FAILED:\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        result = dict(json.loads(lines[-1][len(RESULT_PREFIX):]), command=command,
+                      machine=machine_info(args.device))
+        data["runs"].append(result)
+        save_results(path, data)
+        print(f"  run {result['total_s']:.0f} s", flush=True)
+    print("python -m bench report renders the tables", flush=True)
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the worker: python bench/speed.py --_worker '<spec json>'
     sys.exit(main())

@@ -83,8 +83,8 @@ def main(argv=None) -> int:
                  "pt2": export_program(model, tmp / "vit.pt2", val[:2]),
                  "onnx": export_onnx(model, tmp / "vit.onnx", val[:2])}
         sizes = {k: os.path.getsize(v) for k, v in paths.items()}
-        artifact, program, session = load_exported(paths["safetensors"]), load_program(paths["pt2"]), onnx_session(paths["onnx"])
-        run_onnx = lambda x: session.run(None, {"images": x.numpy()})[0]  # noqa: E731
+        artifact, program, ort = load_exported(paths["safetensors"]), load_program(paths["pt2"]), onnx_session(paths["onnx"])
+        run_onnx = lambda x: ort.run(None, {"images": x.numpy()})[0]  # noqa: E731
         reference = logits(model)
         formats = {"fake-quant (PyTorch)": reference, "safetensors artifact": logits(artifact),
                    "torch.export program": logits(program), "ONNX Runtime": logits(run_onnx)}

@@ -310,6 +310,34 @@ def bias_correction_table(runs: list[dict]) -> list[str]:
                               "paired difference, with its standard error over seeds.")]
 
 
+def step_size_table(runs: list[dict]) -> list[str]:
+    """1,000 it/module with the step sizes at 1.2e-4 against the paper's 4e-5, seed by seed."""
+    rows, used, counts = [], [], []
+    for model in MODELS + VARIANTS:
+        for bits in (3, 4):
+            paper = pick(runs, model, "adfq", bits, RECIPE_ITERS)
+            fast = pick(runs, model, "adfq", bits, RECIPE_ITERS, {"scale_lr": 1.2e-4})
+            seeds = set(by_seed(paper)) & set(by_seed(fast))
+            if not seeds:
+                continue
+            paper, fast = [r for r in paper if r["seed"] in seeds], [r for r in fast if r["seed"] in seeds]
+            used += paper + fast
+            counts.append(fast)
+            d = paired(paper, fast)
+            rows.append([f"`{model}`", f"W{bits}A{bits}", str(len(seeds)), f"{mean(paper):.2f} → {mean(fast):.2f}",
+                         f"{signed(d[0])} ({d[1]:.2f})",
+                         f"{mean(paper, 'kl_to_fp'):.4f} → {mean(fast, 'kl_to_fp'):.4f}",
+                         f"{mean(paper, 'heldout_error_ratio'):.3f} → {mean(fast, 'heldout_error_ratio'):.3f}"])
+    lines = table(["model", "bits", "seeds", "Top-1: 4e-5 → 1.2e-4", "Δ Top-1 (seed SE)", "KL to FP32",
+                   "held-out module error after / before reconstruction"], rows,
+                  ["---", "---", "---:", "---:", "---:", "---:", "---:"])
+    return lines + ["", about(f"{ACC} --groups budget stress_budget --bits 3 4 --budget-iters 1000 --changes "
+                              "'{\"scale_lr\": 1.2e-4}' --tag scale_lr_x3", used, seed_counts(counts),
+                              "Held-out module error: each module's output error on the 10 % of calibration images "
+                              "no update sees, after reconstruction over before it; geometric mean over modules, "
+                              "mean over seeds (lower is better).")]
+
+
 def qkv_grid_table(runs: list[dict]) -> list[str]:
     rows, used, counts = [], [], []
     for model in MODELS:
@@ -478,6 +506,7 @@ def blocks() -> dict[str, list[str]]:
         "calibration_time": calibration_time_line(speed),
         "bits": bits_table(runs),
         "budget": budget_table(runs),
+        "step_size_rate": step_size_table(runs),
         "ablation": ablation_table(runs, {}, with_bias_correction=True),
         "ablation_no_bias_correction": ablation_table(runs, NO_BC, with_bias_correction=False),
         "ppoq": ppoq_table(runs),
@@ -497,6 +526,7 @@ def blocks() -> dict[str, list[str]]:
 RESULT_PAGES = {
     "accuracy.md": ("Accuracy (CIFAR-10 reference models)", {
         "accuracy": "W4A4 and W3A3", "bits": "Every bit width", "budget": "Reconstruction budget",
+        "step_size_rate": "Step-size rate at 1,000 iterations",
         "ablation": "Ablation", "ablation_no_bias_correction": "Ablation with `bias_correction: false`",
         "ppoq": "PPOQ on the outlier variants", "bias_correction": "Bias correction",
         "qkv_grid": "q/k/v grid error", "stress": "Outlier variants", "stress_budget": "Outlier variants by budget",

@@ -48,7 +48,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: E402
 from adfq_lightning.data import (  # noqa: E402
     CIFAR10_MEAN, DEFAULT_ARCHIVE, TensorImageDataset, cifar10_eval_transform, decode_image_folder, split_indices,
 )
-from adfq_lightning.io import atomic_torch_save, atomic_write  # noqa: E402
+from adfq_lightning.atomic import atomic_torch_save, atomic_write  # noqa: E402
 from adfq_lightning.zoo import REFERENCE_MODELS, create_reference_model  # noqa: E402
 
 

@@ -27,8 +27,8 @@ _LIGHTNING_NAMES = {"ADFQCallback", "ADFQModule"}
 
 
 def __getattr__(name: str):
-    if name in _LIGHTNING_NAMES:
-        from . import lightning
+    if name not in _LIGHTNING_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import lightning
 
-        return getattr(lightning, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(lightning, name)

@@ -3,83 +3,18 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .config import ADFQConfig
-from .modules import calibrate_weights, convert, is_quantized
-from .quantizers import Quantizer, outermost_quantizers
-from .reconstruction import Reconstructor, check_supported, set_quantization
+from .data.calibration import CalibData, collect_images, record_inputs
+from .modules import calibrate_weights, convert, is_calibrated, is_converted
+from .quantizers import set_quantization
+from .reconstruction import Reconstructor, check_supported
 
-CalibData = Union[torch.Tensor, Iterable]
-
-__all__ = ["ADFQConfig", "activation_quantizers", "collect_images", "record_inputs", "is_calibrated", "is_converted", "prepare", "quantize", "set_quantization"]
-
-
-def collect_images(calib_data: CalibData, limit: Optional[int] = None) -> torch.Tensor:
-    """Stack calibration images from a tensor or an iterable of batches (tensors or (images, labels, ...))."""
-    if isinstance(calib_data, torch.Tensor):
-        images = calib_data
-    else:
-        batches = []
-        for batch in calib_data:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"calibration batches must be tensors or (images, labels) pairs, got {type(x).__name__}.")
-            batches.append(x)
-            if limit is not None and sum(b.shape[0] for b in batches) >= limit:
-                break
-        images = torch.cat(batches) if batches else torch.empty(0)
-    if images.numel() == 0:
-        raise ValueError("the calibration set is empty: pass at least one image (1024 is the method's default).")
-    if images.dim() != 4:
-        raise ValueError(f"calibration images must be (N, C, H, W), got shape {tuple(images.shape)}.")
-    return images[:limit] if limit is not None else images
-
-
-class _Enough(Exception):
-    """Raised inside a forward pre-hook to stop a forward loop once enough images were recorded."""
-
-
-@torch.no_grad()
-def record_inputs(model: nn.Module, forward_loop: Callable[[nn.Module], None], limit: Optional[int] = None) -> torch.Tensor:
-    """The image batches that reach ``model.forward`` while ``forward_loop(model)`` runs (up to ``limit``)."""
-    batches: list[torch.Tensor] = []
-
-    def record(_module, args, kwargs):
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"forward_loop called the model with {type(x).__name__}: it must take an image tensor.")
-        batches.append(x.detach().cpu())
-        if limit is not None and sum(b.shape[0] for b in batches) >= limit:
-            raise _Enough
-
-    handle = model.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        forward_loop(model.eval())
-    except _Enough:
-        pass
-    finally:
-        handle.remove()
-    return collect_images(batches, limit=limit)
-
-
-def is_converted(model: nn.Module) -> bool:
-    return any(is_quantized(m) for m in model.modules())
-
-
-def activation_quantizers(model: nn.Module) -> list[Quantizer]:
-    """The quantizers of activations (not weight quantizers, nor the parts of another quantizer)."""
-    return [q for q in outermost_quantizers(model) if q.observes_activations]
-
-
-def is_calibrated(model: nn.Module) -> bool:
-    """True once a converted model's activation quantizers all hold calibrated (or loaded) parameters."""
-    acts = activation_quantizers(model)
-    return bool(acts) and all(bool(q.calibrated) for q in acts)
+__all__ = ["ADFQConfig", "prepare", "quantize", "set_quantization"]
 
 
 def _check_images(model: nn.Module, images: torch.Tensor) -> None:

@@ -8,10 +8,10 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .api import is_converted, prepare
+from .api import prepare
+from .atomic import atomic_torch_save
 from .config import ADFQConfig
-from .io import atomic_torch_save
-from .modules import QuantLinear
+from .modules import QuantLinear, is_converted
 from .quantizers import Quantizer
 
 __all__ = ["RECIPE_FIELDS", "load_quantized", "recipe_differences", "save_quantized"]

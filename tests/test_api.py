@@ -12,7 +12,7 @@ from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 
 from adfq_lightning import ADFQConfig, UnsupportedModuleError, prepare, quantize, set_quantization
-from adfq_lightning.api import collect_images
+from adfq_lightning.data.calibration import collect_images
 from adfq_lightning.modules import convert, is_quantized
 from adfq_lightning.quantizers import (
     AdaRoundQuantizer,
@@ -25,7 +25,7 @@ from adfq_lightning.quantizers import (
     outermost_quantizers,
 )
 from adfq_lightning.reconstruction import Reconstructor
-from adfq_lightning.reconstruction.engine import make_optimizer
+from adfq_lightning.reconstruction import make_optimizer
 
 FAST = ADFQConfig(reconstruct=False)
 
@@ -592,7 +592,7 @@ def test_quantize_log_callback(tiny_vit, more_images):
 
 # -- reconstruction: held-out split, safeguard, gradient routing, hardening ---------------------------------------------
 def test_holdout_split_is_disjoint_deterministic_and_never_drawn(tiny_vit, more_images):
-    from adfq_lightning.reconstruction.engine import holdout_split, make_optimizer
+    from adfq_lightning.reconstruction.heldout import holdout_split
 
     held, update = holdout_split(40, 0.1, seed=3)
     assert len(held) == 4 and len(update) == 36 and not set(held.tolist()) & set(update.tolist())
@@ -633,7 +633,7 @@ def test_safeguard_reverts_a_module_made_worse_to_its_initial_state(make_tiny, m
 
 
 def test_safeguard_decision_survives_a_resume(make_tiny, more_images):
-    from adfq_lightning.reconstruction.engine import make_optimizer
+    from adfq_lightning.reconstruction import make_optimizer
 
     config = ASMO.replace(iters=4, batch_size=8, scale_lr=10.0, rounding_lr=1.0)
     model = prepare(make_tiny("vit"), config)
@@ -677,12 +677,12 @@ def test_gradient_routing_through_log_and_uniform_quantizers(mode):
 
 
 def test_reference_learns_only_linear_input_steps(tiny_vit):
-    from adfq_lightning.reconstruction.engine import _learnable
+    from adfq_lightning.reconstruction.learnable import learnable_parameters
 
     prepare(tiny_vit, ADFQConfig(learn_steps="linear_inputs"))
     attn = tiny_vit.blocks[0].attn
-    _, steps = _learnable(attn, "linear_inputs")
-    _, every = _learnable(attn, "all")
+    _, steps = learnable_parameters(attn, "linear_inputs")
+    _, every = learnable_parameters(attn, "all")
     owners = {id(p): q.role for q in outermost_quantizers(attn) for p in q.candidate_step_sizes()}
     assert {owners[id(p)] for p in steps} == {"qkv_input", "proj_input"}
     assert {owners[id(p)] for p in every} == {"qkv_input", "proj_input", "q", "k", "v", "attn_probs"}
@@ -719,7 +719,7 @@ def test_graph_path_captures_once_per_phase_and_matches_eager(make_tiny, more_im
     """The CUDA-graph path on a CPU, with a capture that keeps the module eager: the engine captures each stage
     at its first soft and first hard iteration, with the iteration's batch shape, and the graph's call
     (keyword arguments fixed, attention scores returned for the KL term) gives exactly the eager result."""
-    from adfq_lightning.reconstruction import cuda_graph, engine
+    from adfq_lightning.reconstruction import cuda_graph
 
     captures = []
 
@@ -729,12 +729,13 @@ def test_graph_path_captures_once_per_phase_and_matches_eager(make_tiny, more_im
                          sample_args[0].shape, all(p.grad is not None for p in target.parameters() if p.requires_grad)))
         return module
 
-    monkeypatch.setattr(engine, "graph_target", lambda *args: cuda_graph.graph_target(*args, capture=eager_capture))
+    graph_target = cuda_graph.graph_target
+    monkeypatch.setattr(cuda_graph, "graph_target", lambda *args: graph_target(*args, capture=eager_capture))
     config = ASMO.replace(iters=6, batch_size=4, harden_at=0.5)
     eager = reconstruct(make_tiny(arch), more_images[:8], config)
     model = prepare(make_tiny(arch), config)
     graphed = Reconstructor(model, config, more_images[:8], torch.arange(8), 8)
-    graphed._use_graphs = True  # what a CUDA device sets
+    graphed.graphs.enabled = True  # what a CUDA device sets
     graphed.run()
     assert [c[0] for c in captures] == [s.module for s in graphed.stages for _ in range(2)]
     assert all(soft == [True] * len(soft) for _, soft, _, _ in captures[::2])
@@ -746,7 +747,7 @@ def test_graph_path_captures_once_per_phase_and_matches_eager(make_tiny, more_im
 
 
 def test_graph_capture_failure_warns_and_goes_on_eagerly(make_tiny, more_images, monkeypatch):
-    from adfq_lightning.reconstruction import engine
+    from adfq_lightning.reconstruction import cuda_graph
 
     attempts = []
 
@@ -754,12 +755,12 @@ def test_graph_capture_failure_warns_and_goes_on_eagerly(make_tiny, more_images,
         attempts.append(args[0])
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(engine, "graph_target", failing_capture)
+    monkeypatch.setattr(cuda_graph, "graph_target", failing_capture)
     config = ASMO.replace(iters=3, batch_size=4)
     eager = reconstruct(make_tiny("vit"), more_images[:8], config)
     model = prepare(make_tiny("vit"), config)
     rec = Reconstructor(model, config, more_images[:8], torch.arange(8), 8)
-    rec._use_graphs = True  # what a CUDA device sets
+    rec.graphs.enabled = True  # what a CUDA device sets
     with pytest.warns(UserWarning, match="CUDA graph capture of patch_embed.proj failed .*cuda_graphs=False"):
         rec.run()
     assert len(attempts) == 1  # not tried again for every module
@@ -781,7 +782,7 @@ def test_half_precision_cache_halves_the_cache(make_tiny, more_images):
 # -- bias correction ------------------------------------------------------------------------------------------------
 def test_bias_correction_moves_the_mean_output_to_the_float_models(make_tiny, more_images):
     from adfq_lightning.modules import QuantLinear
-    from adfq_lightning.reconstruction.engine import holdout_split
+    from adfq_lightning.reconstruction.heldout import holdout_split
 
     config = FAST  # bias correction is ADFQ's default
     float_model = make_tiny("vit")

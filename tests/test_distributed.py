@@ -30,7 +30,7 @@ import torch.distributed as dist
 import ddp_worker
 from adfq_lightning import ADFQConfig
 from adfq_lightning.lightning import sharding
-from adfq_lightning.reconstruction import Reconstructor, engine
+from adfq_lightning.reconstruction import Reconstructor, reconstructor
 from adfq_lightning.api import prepare
 from conftest import build_tiny, make_images
 
@@ -232,7 +232,7 @@ def test_unsharded_loader_under_ddp_is_split_by_rank(monkeypatch):
 
 
 def test_fewer_images_than_ranks_fails_on_every_rank(monkeypatch):
-    monkeypatch.setattr(engine, "world", lambda: (0, 4))
+    monkeypatch.setattr(reconstructor, "world", lambda: (0, 4))
     model, cfg = build_tiny("vit"), ADFQConfig(batch_size=2)
     prepare(model, cfg)
     with pytest.raises(ValueError, match="cannot be sharded over 4 ranks"):

@@ -209,7 +209,7 @@ def test_unwritable_path_is_named_and_leaves_nothing_behind(tmp_path):
 
 
 def test_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
-    from adfq_lightning import io as io_module
+    from adfq_lightning import atomic as io_module
 
     model, config = quantized("vit")
     path = export_quantized(model, tmp_path / "q.safetensors", config, model_name="tiny")

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from adfq_lightning import ADFQCallback, ADFQConfig, ADFQModule
 from adfq_lightning.export import load_exported, load_program, onnx_session
 from adfq_lightning.lightning import CIFAR10DataModule, ExportQuantized, ReconstructionSteps, load_quantized_checkpoint
-from adfq_lightning.lightning.export import main as export_main
+from adfq_lightning.lightning.export_cli import main as export_main
 from adfq_lightning.lightning.cli import main as cli_main
 from adfq_lightning.modules import QuantAttention, QuantWindowAttention
 from adfq_lightning.quantizers import AdaRoundQuantizer

@@ -20,6 +20,7 @@ from adfq_lightning.modules import (
     QuantMlp,
     QuantWindowAttention,
     UnsupportedModuleError,
+    activation_quantizer,
     is_quantized,
 )
 from adfq_lightning.quantizers import Quantizer, UniformQuantizer
@@ -189,7 +190,7 @@ class QuantGain(nn.Module):
     def __init__(self, gain: Gain, config: ADFQConfig, name: str) -> None:
         super().__init__()
         self.gamma = gain.gamma
-        self.input_quantizer = config.activation_quantizer(name, "input")
+        self.input_quantizer = activation_quantizer(config, name, "input")
 
     @classmethod
     def from_float(cls, module, config, name):

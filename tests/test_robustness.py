@@ -23,14 +23,14 @@ import yaml
 from PIL import Image
 
 from adfq_lightning import ADFQConfig, UnsupportedModuleError, load_quantized, prepare, quantize, save_quantized
-from adfq_lightning import io as io_module
-from adfq_lightning.api import is_converted
+from adfq_lightning import atomic as io_module
+from adfq_lightning.modules import is_converted
 from adfq_lightning.lightning.cli import main as cli_main
 from adfq_lightning.data import CorruptImageError, decode_image_folder
-from adfq_lightning.io import atomic_torch_save
+from adfq_lightning.atomic import atomic_torch_save
 from adfq_lightning.lightning import AtomicCheckpointIO, ImageFolderDataModule
 from adfq_lightning.quantizers import PerPatchOutlierQuantizer, UniformQuantizer
-from adfq_lightning.lightning.report import write_report
+from adfq_lightning.lightning.run_report import write_report
 from adfq_lightning.models import create_model
 
 from conftest import build_tiny, make_images

@@ -15,7 +15,7 @@ import timm.data
 import torch
 from torchvision.transforms import v2
 
-from ..io import atomic_torch_save
+from ..atomic import atomic_torch_save
 from .decode import decode_image_folder
 from .splits import calibration_indices, split_indices
 

@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from ..io import atomic_torch_save
+from ..atomic import atomic_torch_save
 
 __all__ = ["CorruptImageError", "LabeledImages", "decode_image_folder", "default_cache_dir", "load_image_file"]
 

@@ -21,7 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..config import ADFQConfig
-from ..io import atomic_write
+from ..atomic import atomic_write
 from ..models import RandomWeightsWarning, create_model
 from ..modules import convert, is_quantized
 from ..quantizers import BestOfQuantizer

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import activation_quantizers
 from ..modules import QuantConv2d, QuantLinear
 from ..quantizers import (
     AdaRoundQuantizer,
+    activation_quantizers,
     BestOfQuantizer,
     LogQuantizer,
     PerPatchOutlierQuantizer,

@@ -21,7 +21,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from ..io import atomic_write
+from ..atomic import atomic_write
 from .deployed import deploy, is_deployed
 
 __all__ = ["ONNX_OPSET", "export_onnx", "onnx_session"]

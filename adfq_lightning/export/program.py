@@ -10,7 +10,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from ..io import atomic_write
+from ..atomic import atomic_write
 from .deployed import deploy, is_deployed
 
 __all__ = ["export_program", "load_program"]

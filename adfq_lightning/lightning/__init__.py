@@ -7,7 +7,7 @@ imports this package.
 from .callback import ADFQCallback, load_quantized_checkpoint
 from .checkpoint_io import AtomicCheckpointIO
 from .datamodules import CIFAR10DataModule, ImageFolderDataModule, ReconstructionSteps
-from .export import ExportQuantized
+from .export_callback import ExportQuantized
 from .module import ADFQModule
 from .progress import CalibrationProgress, ReconstructionProgressBar
 

@@ -11,14 +11,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from ..api import is_calibrated, is_converted, prepare
-from ..checkpoint import recipe_differences
+from ..api import prepare
 from ..config import ADFQConfig
-from ..quantizers import Quantizer
-from ..reconstruction import Reconstructor
+from ..modules import is_calibrated, is_converted
+from .driver import ReconstructionDriver
 from .progress import CalibrationProgress
-from .report import write_run_report
-from .sharding import calibration_shard
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +60,25 @@ class ADFQCallback(Callback):
 
     def __init__(self, config: Optional[ADFQConfig] = None, model_attr: Optional[str] = None,
                  calib_dataloader: Optional[Any] = None, num_calib: int = 1024) -> None:
-        self.config = config or ADFQConfig()
+        self.driver = ReconstructionDriver(config or ADFQConfig())
         self.model_attr = model_attr
         self.calib_dataloader = calib_dataloader
         self.num_calib = num_calib
-        self.stages: list = []
+
+    @property
+    def config(self) -> ADFQConfig:
+        return self.driver.config
+
+    @property
+    def stages(self) -> list:
+        """The per-module results of the calibration this callback ran (empty before it, or after a restore)."""
+        return self.driver.stages
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model = find_vit(pl_module, self.model_attr)
         if is_converted(model) and is_calibrated(model):
             return
-        prepare(model, self.config)
-        for q in model.modules():  # DistributedDataParallel must not track them: their shapes change at calibration
-            if isinstance(q, Quantizer):
-                q.requires_grad_(False)
+        self.driver.prepare(model)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._calibrate(trainer, pl_module)
@@ -97,39 +99,33 @@ class ADFQCallback(Callback):
         if is_calibrated(model):
             return
         with torch.inference_mode(False), torch.enable_grad():
-            images, ids, n = calibration_shard(trainer, self.calib_dataloader, self.num_calib)
-            if n < self.num_calib and trainer.is_global_zero:
-                log.warning("ADFQCallback: num_calib=%d but the calibration loader yields only %d images; calibrating "
-                            "on those %d. Give more images or lower num_calib to silence this.", self.num_calib, n, n)
             training = model.training
-            engine = Reconstructor(model.eval(), self.config, images.to(trainer.strategy.root_device), ids, n)
+            engine = self.driver.start(trainer, model, self.calib_dataloader, self.num_calib)
+            if engine.num_samples < self.num_calib and trainer.is_global_zero:
+                log.warning("ADFQCallback: num_calib=%d but the calibration loader yields only %d images; calibrating "
+                            "on those %d. Give more images or lower num_calib to silence this.", self.num_calib,
+                            engine.num_samples, engine.num_samples)
             progress = CalibrationProgress(trainer, engine)
+
+            def on_stage(stage, terms) -> None:
+                progress.on_stage(stage)
+                self.driver.log_stage(trainer.loggers, stage, terms, engine.progress()[0])
+
             try:
-                engine.run(log=progress.log, log_every=10, on_stage=lambda s: self._log_stage(trainer, s, progress))
+                engine.run(log=progress.log, log_every=10, on_stage=on_stage)
             finally:
                 progress.close()
             model.train(training)
-        self.stages = engine.stages
-        path = write_run_report(trainer, self.config, self.stages, type(model).__name__)
+        path = self.driver.write_report(trainer, type(model).__name__)
         if path is not None:
             log.info("ADFQ report written to %s", path)
-
-    def _log_stage(self, trainer: pl.Trainer, stage, progress: CalibrationProgress) -> None:
-        progress.on_stage(stage)
-        metrics = {f"recon/{stage.name}/{k}": float(v) for k, v in stage.stats.items() if isinstance(v, (int, float))}
-        for logger in trainer.loggers:  # step: iterations done over the whole run, so it only grows
-            logger.log_metrics(metrics, step=progress.engine.progress()[0])
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuse a checkpoint quantized with another recipe: its quantizers would not fit this config's."""
-        differ = recipe_differences(ADFQConfig(**state_dict["config"]), self.config)
-        if differ:
-            raise ValueError(f"this checkpoint was quantized with another recipe than this ADFQCallback's: "
-                             f"{'; '.join(differ)}. Use the config it was made with (saved under its 'callbacks' "
-                             "entry), or quantize again without ckpt_path.")
+        self.driver.check_recipe(state_dict["config"], "Use the config it was made with (saved under its "
+                                 "'callbacks' entry), or quantize again without ckpt_path.")
 
 
 def load_quantized_checkpoint(module_cls: type[pl.LightningModule], checkpoint_path: Union[str, Path],

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from .module import ADFQModule
 from .predictions import PredictionWriter
 from .progress import ReconstructionProgressBar
-from .report import REPORT_NAME
+from .run_report import REPORT_NAME
 
 TRAINER_DEFAULTS = {
     "max_epochs": -1,  # the module stops the loop once every stage is reconstructed

@@ -12,14 +12,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..api import is_calibrated, prepare
-from ..checkpoint import recipe_differences
+from ..api import prepare
 from ..config import ADFQConfig
 from ..models import create_model
-from ..quantizers import Quantizer
-from ..reconstruction.engine import Reconstructor, Stage, make_optimizer, set_quantization
-from .report import write_run_report
-from .sharding import calibration_shard, global_positions
+from ..modules import is_calibrated
+from ..quantizers import set_quantization
+from ..reconstruction import Reconstructor, Stage, make_optimizer
+from .driver import ReconstructionDriver
+from .sharding import global_positions
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ class ADFQModule(pl.LightningModule):
         classes = self.model.num_classes
         self.top1 = MulticlassAccuracy(classes, top_k=1, average="micro")
         self.top5 = MulticlassAccuracy(classes, top_k=min(5, classes), average="micro")
-        self.engine: Optional[Reconstructor] = None
-        self._engine_state: Optional[dict] = None
-        self._stage_terms: Optional[dict] = None  # the current stage's latest loss terms
+        self.driver = ReconstructionDriver(self.config)
         self.eval_tag = "quant"
         self.evaluation: dict[str, dict[str, float]] = {}
 
@@ -80,16 +78,13 @@ class ADFQModule(pl.LightningModule):
             config["crop_pct"] = 1.0  # resize to the model's size, no crop margin
         return config
 
-    def setup(self, stage: str) -> None:
-        """Swap in the quantized modules before a strategy wraps the model and optimizers are built.
+    @property
+    def engine(self) -> Optional[Reconstructor]:
+        """The reconstruction engine of the running (or finished) ``fit``; None before it."""
+        return self.driver.engine
 
-        Quantizer parameters start frozen, so DistributedDataParallel registers none of them: their shapes are
-        only known at calibration, and reconstruction sums their gradients over ranks itself (see ``_backward``).
-        """
-        prepare(self.model, self.config)
-        for q in self.model.modules():
-            if isinstance(q, Quantizer):
-                q.requires_grad_(False)
+    def setup(self, stage: str) -> None:
+        self.driver.prepare(self.model)
 
     def configure_optimizers(self):
         return make_optimizer(self.model, self.config)
@@ -104,11 +99,7 @@ class ADFQModule(pl.LightningModule):
         self.model.train()
 
     def on_train_start(self) -> None:
-        images, ids, n = calibration_shard(self.trainer)
-        self.model.eval()
-        self.engine = Reconstructor(self.model, self.config, images, ids, n, device=self.device)
-        if self._engine_state is not None:
-            self.engine.load_state_dict(self._engine_state)
+        self.driver.start(self.trainer, self.model)
 
     def _backward(self, loss: torch.Tensor) -> None:
         """``manual_backward`` without DDP's gradient all-reduce: the engine sums the active stage's gradients
@@ -118,34 +109,20 @@ class ADFQModule(pl.LightningModule):
             self.manual_backward(loss)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        engine, optimizer = self.engine, self.optimizers()
-        budget, last = self.hparams.iters_per_step, None
-        while budget > 0 and not engine.done:
-            if not engine.stage_ready:
-                engine.prepare_stage()
-            if engine.stage_complete():
-                self._log_stage(engine.finish_stage(optimizer), self._stage_terms)
-                budget -= 0 if self.config.reconstruct else 1  # without reconstruction a stage is one unit
-                self._stage_terms = None
-                continue
-            self._stage_terms = last = engine.step(optimizer, backward=self._backward)
-            budget -= 1
+        engine = self.engine
+
+        def on_stage(stage: Stage, terms: Optional[dict]) -> None:
+            self.driver.log_stage(self.loggers, stage, terms, self.global_step)
+
+        last = engine.advance(self.optimizers(), self.hparams.iters_per_step, backward=self._backward,
+                              on_stage=on_stage)
         if last is not None:
             terms = dict(last)
             self.log("recon/loss", terms.pop("loss"), prog_bar=True)
-            # "step" is the x-axis loggers use: iterations, as in _log_stage, so every logger's steps only grow
+            # "step" is the x-axis loggers use: iterations, as in log_stage, so every logger's steps only grow
             self.log_dict({f"recon/{k}": v for k, v in terms.items()} | {"step": float(self.global_step)})
         if engine.done:
             self.trainer.should_stop = True
-
-    def _log_stage(self, stage: Stage, terms: Optional[dict]) -> None:
-        """Every module's errors and last losses go to every logger, whatever ``log_every_n_steps`` says."""
-        metrics = {f"recon/{stage.name}/{k}": float(v) for k, v in stage.stats.items()
-                   if isinstance(v, (int, float)) and k != "heldout_images"}
-        if terms is not None:
-            metrics.update({f"recon/{stage.name}/{k}": float(v) for k, v in terms.items() if k != "beta"})
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.global_step)
 
     def on_train_end(self) -> None:
         """The finished model goes into ``last.ckpt``: Lightning's ModelCheckpoint writes its last checkpoint at
@@ -162,14 +139,10 @@ class ADFQModule(pl.LightningModule):
             checkpoint["adfq_engine"] = self.engine.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("hyper_parameters", {}).get("config")
-        differ = recipe_differences(ADFQConfig(**saved), self.config) if saved else []
-        if differ:
-            raise ValueError(f"this checkpoint was quantized with another recipe than the one configured: "
-                             f"{'; '.join(differ)}. Evaluate it with the config it was made with (its hparams.yaml), "
-                             "or run fit again.")
+        self.driver.check_recipe(checkpoint.get("hyper_parameters", {}).get("config"),
+                                 "Evaluate it with the config it was made with (its hparams.yaml), or run fit again.")
         prepare(self.model, self.config)  # load_from_checkpoint builds a float model: swap modules first
-        self._engine_state = checkpoint.get("adfq_engine")
+        self.driver.resume_state = checkpoint.get("adfq_engine")
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def _eval_epoch_start(self, dataloader) -> None:
@@ -234,7 +207,5 @@ class ADFQModule(pl.LightningModule):
 
     def _write_report(self) -> None:
         """Rank 0 writes the report; every rank must call this (``trainer.log_dir`` is a broadcast under DDP)."""
-        if self.trainer.sanity_checking:
-            return
-        stages = self.engine.stages if self.engine is not None else []
-        write_run_report(self.trainer, self.config, stages, self.hparams.model, self.evaluation)
+        if not self.trainer.sanity_checking:
+            self.driver.write_report(self.trainer, self.hparams.model, self.evaluation)

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from ..io import atomic_torch_save
+from ..atomic import atomic_torch_save
 
 PREDICTIONS_NAME = "predictions.pt"
 

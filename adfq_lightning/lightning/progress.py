@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tqdm.auto import tqdm
 
-from ..reconstruction.engine import Reconstructor
+from ..reconstruction import Reconstructor
 
 
 def _describe(engine: Reconstructor) -> str:

@@ -10,8 +10,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..api import collect_images
-from ..distributed import world
+from ..data.calibration import collect_images
+from ..reconstruction.cross_rank import world
 
 
 def global_positions(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -10,10 +10,11 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from ..config import ADFQConfig
+from .factory import activation_quantizer
 from .linear import QuantLinear
 from .matmul import QuantMatMul
 from .registry import UnsupportedModuleError, register
-from .scores import AttentionScores
+from .attention_scores import AttentionScores
 
 
 class QuantizedProjections(AttentionScores):
@@ -24,9 +25,9 @@ class QuantizedProjections(AttentionScores):
         self.qkv = QuantLinear(attn.qkv, config, f"{name}.qkv", role="qkv_input")
         self.proj = QuantLinear(attn.proj, config, f"{name}.proj", role="proj_input")
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        act = config.activation_quantizer
-        self.matmul_qk = QuantMatMul(act(name, "q"), act(name, "k"))
-        self.matmul_av = QuantMatMul(act(name, "attn_probs"), act(name, "v"))
+        self.matmul_qk = QuantMatMul(activation_quantizer(config, name, "q"), activation_quantizer(config, name, "k"))
+        self.matmul_av = QuantMatMul(activation_quantizer(config, name, "attn_probs"),
+                                     activation_quantizer(config, name, "v"))
 
 
 @register(Attention)

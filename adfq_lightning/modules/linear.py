@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ADFQConfig, Role
+from ..config import ADFQConfig
 from ..quantizers import Quantizer
+from .factory import Role, activation_quantizer, weight_quantizer
 from .registry import register
 
 
@@ -17,8 +18,8 @@ def _attach(layer: nn.Module, float_layer: nn.Module, config: ADFQConfig, name: 
     """Share the float layer's parameters and add the two quantizers (the weight grid is searched by
     :func:`calibrate_weights`, so that a model built only to load a quantized state skips the search)."""
     layer.weight, layer.bias = float_layer.weight, float_layer.bias
-    layer.weight_quantizer = config.weight_quantizer(name)
-    layer.input_quantizer = config.activation_quantizer(name, role)
+    layer.weight_quantizer = weight_quantizer(config, name)
+    layer.input_quantizer = activation_quantizer(config, name, role)
 
 
 def calibrate_weights(model: nn.Module) -> None:

@@ -7,7 +7,8 @@ from typing import Callable, TypeVar
 from torch import nn
 
 from ..config import ADFQConfig
-from .scores import AttentionScores
+from ..quantizers import activation_quantizers
+from .attention_scores import AttentionScores
 
 T = TypeVar("T", bound=type)
 
@@ -40,6 +41,17 @@ def register(float_cls: type) -> Callable[[T], T]:
 
 def is_quantized(module: nn.Module) -> bool:
     return type(module) in QUANTIZED_MODULES.values()
+
+
+def is_converted(model: nn.Module) -> bool:
+    """True once ``model`` holds quantized modules (after :func:`convert`)."""
+    return any(is_quantized(m) for m in model.modules())
+
+
+def is_calibrated(model: nn.Module) -> bool:
+    """True once a converted model's activation quantizers all hold calibrated (or loaded) parameters."""
+    acts = activation_quantizers(model)
+    return bool(acts) and all(bool(q.calibrated) for q in acts)
 
 
 def _unsupported_attention(model: nn.Module, swapped: set[int]) -> list[str]:

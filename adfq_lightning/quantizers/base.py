@@ -57,7 +57,7 @@ class Quantizer(nn.Module):
         self.grad = grad
         self.enabled = True
         self.name = ""  # set by the owning module, for error messages
-        self.role = ""  # where an activation quantizer sits (ADFQConfig's Role), set with the name
+        self.role = ""  # where an activation quantizer sits (see adfq_lightning.modules.factory.Role), set with the name
         self._calibrate_next = False
         self._ready = False  # mirrors the ``calibrated`` buffer
         self.register_buffer("calibrated", torch.tensor(False))
@@ -121,12 +121,24 @@ class Quantizer(nn.Module):
         self._ready = bool(self.calibrated)
 
 
+def set_quantization(module: nn.Module, enabled: bool) -> None:
+    """Switch every quantizer in ``module`` on (quantized behaviour) or off (exact float behaviour)."""
+    for q in module.modules():
+        if isinstance(q, Quantizer):
+            q.enabled = enabled
+
+
 def outermost_quantizers(module: nn.Module) -> list["Quantizer"]:
     """The quantizers of ``module`` that are not parts of another quantizer (the grid inside AdaRound, the two
     candidates inside a family choice): each speaks for the quantizers it holds."""
     quantizers = [m for m in module.modules() if isinstance(m, Quantizer)]
     nested = {id(m) for q in quantizers for m in q.modules() if m is not q}
     return [q for q in quantizers if id(q) not in nested]
+
+
+def activation_quantizers(module: nn.Module) -> list["Quantizer"]:
+    """The quantizers of activations (not weight quantizers, nor the parts of another quantizer)."""
+    return [q for q in outermost_quantizers(module) if q.observes_activations]
 
 
 @contextmanager

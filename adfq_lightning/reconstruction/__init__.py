@@ -1,6 +1,12 @@
-"""Attention-score enhanced Module-wise Optimization (ASMO): cache, losses, engine, Lightning module."""
+"""Attention-score enhanced Module-wise Optimization (ASMO), one file per job.
 
-from .engine import Reconstructor, Stage, set_quantization
+:mod:`.reconstructor` (the stage loop), :mod:`.cache` (the activation cache), :mod:`.heldout` (held-out error
+and safeguard), :mod:`.bias_correction`, :mod:`.cross_rank` (cross-rank sums), :mod:`.learnable` (what is
+learned, its optimizer), :mod:`.losses`, :mod:`.units` (the unit chain), :mod:`.cuda_graph`.
+"""
+
+from .learnable import make_optimizer
+from .reconstructor import Reconstructor, Stage
 from .units import build_units, check_supported
 
-__all__ = ["Reconstructor", "Stage", "build_units", "check_supported", "set_quantization"]
+__all__ = ["Reconstructor", "Stage", "build_units", "check_supported", "make_optimizer"]

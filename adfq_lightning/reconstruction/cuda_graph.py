@@ -9,7 +9,8 @@ speed; the losses, the rounding regulariser and the optimizer step stay eager, w
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import warnings
+from typing import Callable, Hashable, Optional
 
 import torch
 from torch import nn
@@ -57,3 +58,33 @@ def graph_target(target: nn.Module, kwargs: dict, sample: torch.Tensor,
         return (result[0], result[1]) if isinstance(result, tuple) else (result, None)
 
     return call
+
+
+class PhaseGraphs:
+    """The current target's graph, captured again whenever the phase (stage, soft or hard rounding) changes.
+
+    A capture that fails (an operation that cannot be captured) warns once and leaves every later call eager:
+    the results stay correct, only slower.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._graph: Optional[TargetCall] = None
+        self._phase: Optional[Hashable] = None
+
+    def get(self, phase: Hashable, name: str, target: nn.Module, kwargs: dict,
+            sample: torch.Tensor) -> Optional[TargetCall]:
+        """The graph of ``phase`` for inputs like ``sample`` (None: run eagerly)."""
+        if self.enabled and self._phase != phase:
+            self.clear()  # free the previous phase's graph memory first
+            try:
+                self._graph = graph_target(target, kwargs, sample)
+            except RuntimeError as error:
+                warnings.warn(f"CUDA graph capture of {name} failed ({error}); reconstruction goes on without "
+                              "graphs. Set cuda_graphs=False to skip the attempt.", stacklevel=3)
+                self.enabled = False
+            self._phase = phase
+        return self._graph
+
+    def clear(self) -> None:
+        self._graph, self._phase = None, None

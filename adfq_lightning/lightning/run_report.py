@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 
 from ..config import ADFQConfig
-from ..io import atomic_write
+from ..atomic import atomic_write
 
 REPORT_NAME = "adfq_report.json"
 

@@ -153,6 +153,7 @@ def _synthetic_imagenet(root: Path, size: int = 224, per_class: int = 2) -> Path
     # Swin-T's blocks, windows and patch merging at 224 px, one block per stage to stay within seconds
     ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}),
 ])
+@pytest.mark.slow
 def test_imagenet_architectures_quantize_at_224_and_reload(name, kwargs, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
@@ -170,6 +171,7 @@ def test_imagenet_architectures_quantize_at_224_and_reload(name, kwargs, tmp_pat
         assert torch.equal(load_exported(artifact)(images[:2]), out)
 
 
+@pytest.mark.slow
 def test_imagenet_config_runs_on_an_imagenet_style_folder(tmp_path, capsys):
     root = _synthetic_imagenet(tmp_path / "imagenet")
     cli_main(["fit", "--config", str(ROOT / "configs/imagenet/deit_t_w4a4.yaml"), "--model.pretrained", "false",
@@ -187,6 +189,7 @@ def test_imagenet_config_runs_on_an_imagenet_style_folder(tmp_path, capsys):
               "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"])
 
 
+@pytest.mark.slow
 def test_predict_writes_the_quantized_models_predictions(tmp_path):
     common = ["--config", str(ROOT / "configs/cifar10/vit_w4a4.yaml"), "--trainer.logger.init_args.save_dir",
               str(tmp_path), "--data.init_args.num_calib", "16", "--trainer.limit_val_batches", "1",

@@ -1,4 +1,4 @@
-"""Issue 6: resume after a kill, safe save/reload, bad inputs, determinism.
+"""Resume after a kill, crash-safe files, bad data and bad input: each refused early with a message naming the fix.
 
 The kill tests run the real CLI (``python -m adfq_lightning.lightning.cli fit``) in a subprocess, SIGKILL it at a known
 checkpoint and resume in this process with ``--ckpt_path last``; the final quantized state_dict must equal,
@@ -121,6 +121,7 @@ def test_fit_path_equals_quantize_api(uninterrupted):
 
 
 @pytest.mark.parametrize("stage, iteration", [(1, 1), (1, 3)], ids=["inside_a_module", "between_two_modules"])
+@pytest.mark.slow
 def test_sigkill_then_resume_from_last_is_bit_identical(uninterrupted, tmp_path, stage, iteration):
     ready = tmp_path / "ready.json"
     pause = {"class_path": "robust_helpers.PauseAt",

@@ -9,7 +9,6 @@ and says why in its commit.
 from __future__ import annotations
 
 import platform
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adfq_lightning import ADFQConfig, quantize
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import build_tiny, make_images  # noqa: E402
+from conftest import build_tiny, make_images
 
 PINNED = Path(__file__).with_name("pinned")
 TORCH = "2.14.1"

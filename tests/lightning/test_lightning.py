@@ -29,7 +29,7 @@ from adfq_lightning.lightning import ReconstructionProgressBar
 from conftest import build_tiny, make_images
 from lightning_helpers import UserClassifier
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10,
                 pretrained_cfg_overlay=dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3))
 
@@ -194,18 +194,19 @@ def test_shipped_configs_parse(path, capsys):
     config = printed["model"]["config"]
     # every recipe keeps QDrop; the CIFAR-10 W4A4 ones run the default budget of 1,000 it/module, DeiT's and Swin's
     # with step sizes at three times the paper's rate (as far in 1,000 iterations as in 3,000), the W6A6 ones 200,
-    # the ImageNet ones the paper's 3,000 (docs/benchmark.md, "The default budget against the paper's")
+    # the ImageNet ones the paper's 3,000 (docs/method.md)
     assert config["qdrop_prob"] == ADFQConfig().qdrop_prob, path
     budget = 3000 if path.startswith("configs/imagenet/") else 1000 if path.endswith("w4a4.yaml") else 200
     assert config["iters"] == budget, path
     tripled = budget == 1000 and not path.endswith("vit_w4a4.yaml")
     assert config["scale_lr"] == pytest.approx(1.2e-4 if tripled else ADFQConfig().scale_lr), path
     # a checkpoint every quarter of a module or less often: every 100 iterations of the paper's 3,000 wrote a
-    # ViT-B checkpoint 30 times per module (README, "Robustness")
+    # ViT-B checkpoint 30 times per module
     (checkpoint,) = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     assert budget // checkpoint["init_args"]["every_n_train_steps"] <= 4, path
 
 
+@pytest.mark.slow
 def test_cli_fit_then_test_from_checkpoint(tmp_path, capsys):
     config = str(ROOT / "configs/cifar10/vit_w4a4.yaml")
     common = ["--config", config, "--trainer.logger.init_args.save_dir", str(tmp_path),
@@ -339,6 +340,7 @@ def test_callback_refuses_a_checkpoint_of_another_recipe(tmp_path):
         other.validate(UserClassifier(), datamodule=NoCalibration(), ckpt_path=path, verbose=False)
 
 
+@pytest.mark.slow
 def test_quantized_user_module_reloads_in_a_fresh_process(tmp_path):
     user, path = _user_checkpoint(tmp_path, tiny_config())
     x = make_images(4, seed=6)

@@ -34,7 +34,8 @@ from adfq_lightning.reconstruction import Reconstructor, reconstructor
 from adfq_lightning.api import prepare
 from conftest import build_tiny, make_images
 
-TESTS = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow  # every test here starts processes
+TESTS = Path(__file__).resolve().parents[1]
 WORKER = TESTS / "ddp_worker.py"
 TIMEOUT_S = 300
 RTOL = 1e-5

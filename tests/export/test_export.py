@@ -111,6 +111,7 @@ def test_reference_model_artifact_builds_itself_from_the_header(tmp_path):
     assert torch.equal(outputs(loaded, x), outputs(model, x))
 
 
+@pytest.mark.slow
 def test_torch_export_program_round_trip_with_dynamic_batch(tmp_path):
     model, _ = quantized("swin")
     path = export_program(model, tmp_path / "q.pt2", make_images(2))
@@ -129,6 +130,7 @@ def test_fake_quant_model_traces_with_torch_export(strict):
     assert torch.equal(program.module()(x), outputs(model, x))
 
 
+@pytest.mark.slow
 def test_onnx_export_uses_standard_qdq_and_matches_onnx_runtime(arch, tmp_path):
     import onnx
 
@@ -169,6 +171,7 @@ def test_float_model_and_unnamed_model_are_refused(tmp_path):
         export_quantized(model, tmp_path / "q.safetensors", config)
 
 
+@pytest.mark.slow
 def test_corrupt_and_truncated_files_are_refused(tmp_path):
     model, config = quantized("vit")
     artifact = export_quantized(model, tmp_path / "q.safetensors", config, model_name="tiny")
@@ -224,6 +227,7 @@ def test_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["q.safetensors"]
 
 
+@pytest.mark.slow
 def test_torch_compile_captures_one_graph():
     """No graph break (``fullgraph=True``) in the fake-quant or the deployed forward; ``aot_eager`` runs the
     captured graph without a C++ toolchain, which inductor (the default backend, in the export benchmark) needs."""

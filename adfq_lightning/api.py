@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -13,6 +13,9 @@ from .data.calibration import CalibData, collect_images, record_inputs
 from .modules import calibrate_weights, convert, is_calibrated, is_converted
 from .quantizers import set_quantization
 from .reconstruction import Reconstructor, check_supported
+from .reconstruction.cross_rank import world
+from .recipe import attach_config, display_name
+from .report import build_report, summarize
 
 __all__ = ["ADFQConfig", "prepare", "quantize", "set_quantization"]
 
@@ -42,11 +45,18 @@ def _check_images(model: nn.Module, images: torch.Tensor) -> None:
 
 def prepare(model: nn.Module, config: ADFQConfig) -> nn.Module:
     """Swap in the quantized modules (in place) and search their weight grids, without calibrating activations:
-    what :func:`quantize` starts from and what a checkpoint is loaded into."""
+    what :func:`quantize` starts from and what a checkpoint is loaded into.
+
+    The model keeps ``config`` with its architecture and constructor arguments as its recipe
+    (:func:`~adfq_lightning.recipe.model_recipe`): what :func:`~adfq_lightning.export.export_quantized` writes.
+    """
     check_supported(model)
     if not is_converted(model):
         _check_weights(model)
+        attach_config(model, config)
         convert(model, config)
+    else:
+        attach_config(model, config)
     calibrate_weights(model)
     return model
 
@@ -69,7 +79,9 @@ def quantize(
     sample_ids: Optional[torch.Tensor] = None,
     num_samples: Optional[int] = None,
     log: Optional[Callable[[str, int, dict], None]] = None,
-) -> nn.Module:
+    report: bool = False,
+    verbose: bool = True,
+) -> Union[nn.Module, tuple[nn.Module, dict]]:
     """Quantize a timm ViT/DeiT/Swin **in place** and return it (like torchao's ``quantize_``).
 
     Float modules are swapped for quantized ones, weight quantizers are searched, activation quantizers
@@ -82,6 +94,11 @@ def quantize(
     pipeline does (ModelOpt's ``forward_loop``): the images reaching the model's ``forward`` are recorded,
     up to ``num_calib``. Under ``torch.distributed``, pass each rank's shard as ``calib_data`` with the global
     ``sample_ids`` of its images and the global ``num_samples``.
+
+    With ``report=True`` it returns ``(model, report)``: the run's report, the dict ``ADFQCallback`` and
+    ``ADFQModule`` write as ``adfq_report.json`` (config, versions, an ``overview`` and per-module ``modules``
+    entries: held-out error before/after reconstruction, soft error, undecided rounding, reverted by the
+    safeguard...). ``verbose`` prints its short summary (on rank 0) at the end.
     """
     config = config or ADFQConfig()
     if torch.is_inference_mode_enabled():
@@ -105,5 +122,10 @@ def quantize(
     num_samples = int(num_samples if num_samples is not None else images.shape[0])
     model.eval()
     prepare(model, config)
-    Reconstructor(model, config, images, sample_ids, num_samples).run(log=log)
-    return model
+    engine = Reconstructor(model, config, images, sample_ids, num_samples)
+    engine.run(log=log)
+    result = build_report(config, engine.stages, display_name(model), world()[1])
+    if verbose and world()[0] == 0:
+        print(summarize(result, "returned by quantize(..., report=True)" if report else
+                        "quantize(..., report=True) returns it"))
+    return (model, result) if report else model

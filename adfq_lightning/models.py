@@ -18,9 +18,10 @@ import timm
 import torch
 from torch import nn
 
+from .recipe import record_build
 from .zoo import REFERENCE_MODELS, STRESS_VARIANTS, create_reference_model, is_reference_model
 
-__all__ = ["RandomWeightsWarning", "create_model"]
+__all__ = ["RandomWeightsWarning", "create_model", "is_known_model"]
 
 OFFLINE_HELP = ("Offline? Put the weights in the Hugging Face cache and set HF_HUB_OFFLINE=1, or set "
                 "pretrained: false and checkpoint_path: <local file> (your own checkpoint), or keep pretrained: true "
@@ -33,8 +34,13 @@ class RandomWeightsWarning(UserWarning):
     """The model to quantize has random weights: its quantized accuracy means nothing."""
 
 
+def is_known_model(name: str) -> bool:
+    """A name :func:`create_model` builds: a reference CIFAR-10 model or a timm model."""
+    return is_reference_model(name) or timm.is_model(name)
+
+
 def _check_known(name: str) -> None:
-    if is_reference_model(name) or timm.is_model(name):
+    if is_known_model(name):
         return
     # timm's names are long (deit_small_patch16_224): rank the models sharing a word of the name
     words = [w for w in name.lower().replace("-", "_").split("_") if len(w) >= 3]
@@ -89,7 +95,9 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
 
     ``pretrained=True`` takes the published weights (the shipped fp16 ones for the reference models);
     ``checkpoint_path`` loads a local checkpoint instead (see the module docstring for the layouts).
-    ``kwargs`` go to ``timm.create_model`` (``num_classes``, ``img_size``, ``pretrained_cfg_overlay``...).
+    ``kwargs`` go to ``timm.create_model`` (``num_classes``, ``img_size``, ``pretrained_cfg_overlay``...). The
+    model records its name and ``kwargs`` (:func:`~adfq_lightning.recipe.model_recipe`), so that an export of it
+    builds it again.
     """
     _check_known(name)
     if is_reference_model(name):
@@ -108,4 +116,4 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
         warnings.warn(f"{name} has RANDOM weights (pretrained: false and no checkpoint_path): its quantized accuracy "
                       "means nothing. Set pretrained: true, or checkpoint_path: <your checkpoint>.",
                       RandomWeightsWarning, stacklevel=2)
-    return model.eval()
+    return record_build(model, name, kwargs).eval()

@@ -20,6 +20,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
+from .recipe import record_build
 from .data.cifar10 import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, cifar10_eval_transform, load_bundle
 from .stress import add_outlier_channels
 
@@ -122,4 +123,4 @@ def create_reference_model(name: str, pretrained: bool = False, **overrides) -> 
         model.load_state_dict({k: v.float() for k, v in state_dict.items()})
     if name != base:
         add_outlier_channels(model, cifar10_eval_transform()(load_bundle()["calib_images"][:256]))
-    return model.eval()
+    return record_build(model, name, overrides).eval()

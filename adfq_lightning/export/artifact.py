@@ -20,12 +20,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from ..checkpoint import recipe_differences
 from ..config import ADFQConfig
 from ..atomic import atomic_write
-from ..models import RandomWeightsWarning, create_model
+from ..models import RandomWeightsWarning, create_model, is_known_model
 from ..modules import convert, is_quantized
 from ..quantizers import BestOfQuantizer
 from ..reconstruction import check_supported
+from ..recipe import model_recipe, plain, same_argument
 from .deployed import _IntWeight, deploy
 from .packing import pack_codes, unpack_codes
 
@@ -35,24 +37,53 @@ ARTIFACT_FORMAT = "adfq-lightning-artifact/1"
 HEADER_KEY = "adfq_lightning"
 
 
-def _architecture(model: nn.Module, model_name: Optional[str]) -> str:
-    name = model_name or getattr(model, "pretrained_cfg", {}).get("architecture")
+def _resolve(model: nn.Module, config: Optional[ADFQConfig], model_name: Optional[str],
+             model_kwargs: Optional[dict[str, Any]]) -> tuple[ADFQConfig, str, dict[str, Any]]:
+    """The recipe an export writes: the model's own (:func:`~adfq_lightning.recipe.model_recipe`), with what the
+    caller gave checked against what the model recorded."""
+    recipe = model_recipe(model)
+    if config is None:
+        if recipe is None or recipe.config is None:
+            raise ValueError("export_quantized() needs config=: this model carries no quantization recipe (it was "
+                             "not quantized by quantize(), prepare() or a checkpoint loader of this package).")
+        config = recipe.config
+    elif recipe is not None and recipe.config is not None:
+        differ = recipe_differences(recipe.config, config)
+        if differ:
+            raise ValueError(f"config= differs from the recipe this model was quantized with: "
+                             f"{'; '.join(d.replace('in the file', 'in the model') for d in differ)}. Drop config= "
+                             "to export the model's own.")
+    recorded = recipe is not None and recipe.recorded
+    name = model_name or (recipe.architecture if recipe is not None else None)
     if not name:
         raise ValueError("export_quantized() needs model_name=: the timm (or reference) model name the file is "
                          "loaded back into.")
-    return name
+    if recorded and model_name and model_name != recipe.architecture:
+        raise ValueError(f"model_name={model_name!r} but this model was built as {recipe.architecture!r}: drop "
+                         "model_name= to export it as it was built.")
+    kwargs = dict(recipe.model_kwargs) if recipe is not None and recipe.architecture == name else {}
+    for key, value in (model_kwargs or {}).items():
+        if recorded and key in kwargs and not same_argument(kwargs[key], value):
+            raise ValueError(f"model_kwargs[{key!r}]={value!r} but this model was built with {key}={kwargs[key]!r}: "
+                             "drop model_kwargs= to export it as it was built.")
+        kwargs[key] = plain(value)
+    return config, name, kwargs
 
 
-def export_quantized(model: nn.Module, path: Union[str, Path], config: ADFQConfig, model_name: Optional[str] = None,
-                     model_kwargs: Optional[dict[str, Any]] = None) -> Path:
+def export_quantized(model: nn.Module, path: Union[str, Path], config: Optional[ADFQConfig] = None,
+                     model_name: Optional[str] = None, model_kwargs: Optional[dict[str, Any]] = None) -> Path:
     """Write the deployable artifact of a quantized ``model`` (the model itself is not changed).
 
-    ``model_name`` defaults to timm's ``pretrained_cfg["architecture"]``; ``model_kwargs`` are the arguments it
-    was created with (``num_classes``, ``img_size``...), so that :func:`load_exported` can build it again.
+    The model's recipe gives the config, the model name and the arguments that build it again
+    (:func:`~adfq_lightning.recipe.model_recipe`); ``config``, ``model_name`` and ``model_kwargs`` are needed only
+    for a model that carries none, and are checked against it otherwise. Before the file is written it is
+    loaded back as :func:`load_exported` would: an export that could not be is refused, naming what is missing.
+    A ``model_name`` that neither timm nor the reference models know is written with a warning: such a file
+    loads only into a model you build, ``load_exported(path, model=...)``.
     """
     from .. import __version__
 
-    name = _architecture(model, model_name)
+    config, name, kwargs = _resolve(model, config, model_name, model_kwargs)
     deployed = deploy(copy.deepcopy(model))
     state = deployed.state_dict()
     packed = {}
@@ -65,8 +96,18 @@ def export_quantized(model: nn.Module, path: Union[str, Path], config: ADFQConfi
     halved = sorted(k for k, v in tensors.items() if _exact_in_float16(v))
     tensors.update({k: tensors[k].half() for k in halved})
     families = {n: q.family for n, q in model.named_modules() if isinstance(q, BestOfQuantizer)}
-    header = {"format": ARTIFACT_FORMAT, "model": name, "model_kwargs": model_kwargs or {}, "config": config.to_dict(),
+    header = {"format": ARTIFACT_FORMAT, "model": name, "model_kwargs": kwargs, "config": config.to_dict(),
               "adfq_lightning": __version__, "packed": packed, "families": families, "float16": halved}
+    try:
+        if is_known_model(name):
+            _rebuild(header, dict(tensors), "the export")
+        else:
+            warnings.warn(f"{name!r} is neither a timm nor a reference model name: load_exported(path) cannot build "
+                          "it, load the file with load_exported(path, model=<the float model>).", stacklevel=2)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ValueError(f"export refused, the file could not be loaded back: {str(err).rstrip('.')}. Pass model_kwargs= with the "
+                         "arguments the model was built with (img_size, patch_size, embed_dim, depth, num_heads, "
+                         "num_classes, window_size...).") from err
     path = Path(path)
     atomic_write(path, safetensors_bytes(tensors, metadata={HEADER_KEY: json.dumps(header)}))
     return path
@@ -106,6 +147,11 @@ def load_exported(path: Union[str, Path], model: Optional[nn.Module] = None) -> 
     """
     path = Path(path)
     header, tensors = _read(path)
+    return _rebuild(header, tensors, str(path), model)
+
+
+def _rebuild(header: dict, tensors: dict[str, torch.Tensor], source: str, model: Optional[nn.Module] = None) -> nn.Module:
+    """The deployed model of an artifact's header and tensors (``tensors`` is changed in place)."""
     config = ADFQConfig(**header["config"])
     if model is None:
         with warnings.catch_warnings():  # every weight comes from the file: the model is random only until then
@@ -119,17 +165,17 @@ def load_exported(path: Union[str, Path], model: Optional[nn.Module] = None) -> 
     deploy(model, require_calibrated=False)
     for key, spec in header["packed"].items():
         if key not in tensors:
-            raise ValueError(f"{path} lacks {key}: the file is corrupt.")
+            raise ValueError(f"{source} lacks {key}: the file is corrupt.")
         tensors[key] = unpack_codes(tensors[key], spec["bits"], tuple(spec["shape"]))
     for key in header.get("float16", []):
         if key in tensors:
             tensors[key] = tensors[key].float()
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"{path} has NaN/Inf values in {bad[:3]}: the file is corrupt.")
+        raise ValueError(f"{source} has NaN/Inf values in {bad[:3]}: the file is corrupt.")
     try:
         model.load_state_dict(tensors)
     except RuntimeError as err:  # missing/unexpected keys or shape mismatches, as torch reports them
-        raise ValueError(f"{path} does not fit {header['model']} built with {header['model_kwargs'] or 'its defaults'}"
-                         f": {str(err)[:500]}") from err
+        raise ValueError(f"{source} does not fit {header['model']} built with {header['model_kwargs'] or 'its defaults'}"
+                         f": {' '.join(str(err).split())[:500].rstrip('.')}") from err
     return model.eval()

@@ -24,9 +24,10 @@ def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
 
 
-def export_all(model: nn.Module, stem: Path, formats: Sequence[str], config: ADFQConfig, model_name: Optional[str],
-               model_kwargs: Optional[dict]) -> list[Path]:
-    """Write ``stem.<suffix>`` for every format; every file is complete or absent."""
+def export_all(model: nn.Module, stem: Path, formats: Sequence[str], config: Optional[ADFQConfig] = None,
+               model_name: Optional[str] = None, model_kwargs: Optional[dict] = None) -> list[Path]:
+    """Write ``stem.<suffix>`` for every format; every file is complete or absent. ``config``, ``model_name`` and
+    ``model_kwargs`` default to the model's recipe (see :func:`export_quantized`)."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}: choose from {list(FORMATS)}.")

@@ -11,10 +11,10 @@ from .cifar10 import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
     CIFAR10_STD,
-    DEFAULT_ARCHIVE,
     build_bundle,
     cifar10_eval_transform,
     cifar10_train_transform,
+    default_archive,
     default_bundle_path,
     load_bundle,
 )
@@ -35,6 +35,7 @@ __all__ = [
     "cifar10_eval_transform",
     "cifar10_train_transform",
     "decode_image_folder",
+    "default_archive",
     "default_bundle_path",
     "default_cache_dir",
     "load_bundle",
@@ -47,6 +48,8 @@ _MOVED = {"CIFAR10DataModule", "ImageFolderDataModule"}
 
 
 def __getattr__(name: str):
+    if name == "DEFAULT_ARCHIVE":  # resolved on use, not at import
+        return default_archive()
     if name in _MOVED:
         warnings.warn(f"adfq_lightning.data.{name} moved to adfq_lightning.lightning.{name}; the old path "
                       "goes away in 0.3 (update class_path in your configs).", DeprecationWarning, stacklevel=2)

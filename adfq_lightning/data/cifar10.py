@@ -8,6 +8,7 @@ images ships inside the package so quantization runs need neither the archive no
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -23,8 +24,8 @@ __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
-    "DEFAULT_ARCHIVE",
     "build_bundle",
+    "default_archive",
     "cifar10_eval_transform",
     "cifar10_train_transform",
     "default_bundle_path",
@@ -37,8 +38,22 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
 
-#: CIFAR-10 training archive, as laid out next to a source checkout (``../shared`` of the repo root).
-DEFAULT_ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10" / "train.tar.gz"
+#: environment variable naming the CIFAR-10 training archive when none is given
+ARCHIVE_ENV = "ADFQ_CIFAR10_ARCHIVE"
+
+
+def default_archive() -> Path:
+    """The CIFAR-10 training archive used when none is given, resolved when it is needed (never at import):
+    ``$ADFQ_CIFAR10_ARCHIVE``, else ``shared/data/cifar10/train.tar.gz`` beside a source checkout."""
+    if os.environ.get(ARCHIVE_ENV):
+        return Path(os.environ[ARCHIVE_ENV])
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10" / "train.tar.gz"
+
+
+def __getattr__(name: str):
+    if name == "DEFAULT_ARCHIVE":  # the former constant, resolved on use
+        return default_archive()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_bundle_path():
@@ -52,7 +67,7 @@ def default_bundle_path():
 
 
 def build_bundle(
-    source: str | Path = DEFAULT_ARCHIVE,
+    source: str | Path | None = None,
     path: str | Path | None = None,
     num_calib: int = 1024,
     val_per_class: int = 500,
@@ -65,7 +80,7 @@ def build_bundle(
 
     Default ``path`` is ``adfq_lightning/assets/cifar10_bundle.pt`` in the source tree.
     """
-    data = decode_image_folder(source, "train", cache_dir)
+    data = decode_image_folder(source or default_archive(), "train", cache_dir)
     train_idx, val_idx = split_indices(data.labels, val_per_class)
     calib_idx = calibration_indices(data.labels, num_calib, seed, candidates=train_idx)
     path = Path(path) if path else Path(__file__).parent / "assets" / "cifar10_bundle.pt"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -13,11 +13,11 @@ from torch import nn
 
 from ..api import prepare
 from ..config import ADFQConfig
+from ..models import RandomWeightsWarning, create_model
 from ..modules import is_calibrated, is_converted
+from ..recipe import display_name, model_recipe
 from .driver import ReconstructionDriver
 from .progress import CalibrationProgress
-
-log = logging.getLogger(__name__)
 
 
 def find_vit(pl_module: pl.LightningModule, model_attr: Optional[str]) -> nn.Module:
@@ -64,6 +64,7 @@ class ADFQCallback(Callback):
         self.model_attr = model_attr
         self.calib_dataloader = calib_dataloader
         self.num_calib = num_calib
+        self._model: Optional[dict] = None  # how to build the quantized model again, saved with the checkpoint
 
     @property
     def config(self) -> ADFQConfig:
@@ -75,10 +76,21 @@ class ADFQCallback(Callback):
         return self.driver.stages
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from .module import ADFQModule
+
+        if isinstance(pl_module, ADFQModule):
+            raise ValueError("ADFQCallback quantizes your own LightningModule; ADFQModule quantizes itself: remove "
+                             "ADFQCallback from the Trainer's callbacks (its recipe is ADFQModule's config).")
+        if sum(isinstance(c, ADFQCallback) for c in trainer.callbacks) > 1:
+            raise ValueError("this Trainer has more than one ADFQCallback: a model is quantized once, keep one.")
         model = find_vit(pl_module, self.model_attr)
-        if is_converted(model) and is_calibrated(model):
-            return
-        self.driver.prepare(model)
+        if not (is_converted(model) and is_calibrated(model)):
+            self.driver.prepare(model)
+        recipe = model_recipe(model)
+        prefix = next(name for name, m in pl_module.named_modules() if m is model)
+        self._model = {"architecture": recipe.architecture if recipe else None,
+                       "model_kwargs": recipe.model_kwargs if recipe else {},
+                       "prefix": f"{prefix}." if prefix else ""}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._calibrate(trainer, pl_module)
@@ -102,13 +114,15 @@ class ADFQCallback(Callback):
             training = model.training
             engine = self.driver.start(trainer, model, self.calib_dataloader, self.num_calib)
             if engine.num_samples < self.num_calib and trainer.is_global_zero:
-                log.warning("ADFQCallback: num_calib=%d but the calibration loader yields only %d images; calibrating "
-                            "on those %d. Give more images or lower num_calib to silence this.", self.num_calib,
-                            engine.num_samples, engine.num_samples)
+                warnings.warn(f"ADFQCallback: num_calib={self.num_calib} but the calibration loader yields only "
+                              f"{engine.num_samples} images; calibrating on those. Give more images or lower "
+                              "num_calib to silence this.", stacklevel=2)
+            self.driver.announce_budget(trainer, engine, "ADFQCallback")
             progress = CalibrationProgress(trainer, engine)
 
             def on_stage(stage, terms) -> None:
                 progress.on_stage(stage)
+                self.driver.announce_eta(trainer, engine, stage)
                 self.driver.log_stage(trainer.loggers, stage, terms, engine.progress()[0])
 
             try:
@@ -116,12 +130,12 @@ class ADFQCallback(Callback):
             finally:
                 progress.close()
             model.train(training)
-        path = self.driver.write_report(trainer, type(model).__name__)
-        if path is not None:
-            log.info("ADFQ report written to %s", path)
+        self.driver.finish(trainer, display_name(model))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict()}
+        """The recipe, and how to build the quantized model again (what ``adfq-vit-export`` and
+        :func:`load_quantized_vit` read)."""
+        return {"config": self.config.to_dict(), **({"model": self._model} if self._model else {})}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.driver.check_recipe(state_dict["config"], "Use the config it was made with (saved under its "
@@ -137,11 +151,42 @@ def load_quantized_checkpoint(module_cls: type[pl.LightningModule], checkpoint_p
     the checkpoint, and loads the complete state. ``kwargs`` go to ``load_from_checkpoint``.
     """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    state = callback_state(checkpoint, checkpoint_path)
+    with warnings.catch_warnings():  # the quantizer entries, loaded below once the modules are swapped
+        warnings.filterwarnings("ignore", message="Found keys that are not in the model state dict")
+        module = module_cls.load_from_checkpoint(checkpoint_path, strict=False, **kwargs)
+    prepare(find_vit(module, model_attr), ADFQConfig(**state["config"]))
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
+def callback_state(checkpoint: dict, checkpoint_path: Union[str, Path]) -> dict:
+    """The ADFQCallback entry of a loaded Lightning checkpoint; a ValueError naming the fix if it has none."""
     states = [s for key, s in checkpoint.get("callbacks", {}).items() if key.split("{")[0] == ADFQCallback.__qualname__]
     if not states:
         raise ValueError(f"{checkpoint_path} holds no ADFQCallback state: it was not saved by a Trainer with "
                          "ADFQCallback (for an ADFQModule checkpoint use ADFQModule.load_from_checkpoint).")
-    module = module_cls.load_from_checkpoint(checkpoint_path, strict=False, **kwargs)
-    prepare(find_vit(module, model_attr), ADFQConfig(**states[0]["config"]))
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.eval()
+    return states[0]
+
+
+def load_quantized_vit(checkpoint_path: Union[str, Path]) -> nn.Module:
+    """The quantized timm model of an :class:`ADFQCallback` checkpoint, without your LightningModule class.
+
+    The checkpoint names the model's architecture and constructor arguments; the model is built from them, its
+    modules swapped with the stored recipe, and its entries of the checkpoint loaded. Checkpoints written before
+    the callback stored the architecture need your class: :func:`load_quantized_checkpoint`.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    state = callback_state(checkpoint, checkpoint_path)
+    built = state.get("model") or {}
+    if not built.get("architecture"):
+        raise ValueError(f"{checkpoint_path} does not say which model it holds: reload it with your module class, "
+                         "load_quantized_checkpoint(MyModule, path), and export its model with "
+                         "adfq_lightning.export.export_quantized(module.<model attribute>, path).")
+    with warnings.catch_warnings():  # every weight comes from the checkpoint
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        model = create_model(built["architecture"], pretrained=False, **built["model_kwargs"])
+    prepare(model, ADFQConfig(**state["config"]))
+    prefix = built["prefix"]
+    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return model.eval()

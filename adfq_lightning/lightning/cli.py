@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
+from .errors import DEBUG_ENV, run_reporting_errors
 from .module import ADFQModule
 from .predictions import PredictionWriter
 from .progress import ReconstructionProgressBar
@@ -75,18 +78,54 @@ IRRELEVANT_WARNINGS = (
 )
 
 
+DESCRIPTION = (
+    "adfq-vit: ADFQ-ViT post-training quantization of a timm ViT/DeiT/Swin. 'fit' quantizes (calibration and "
+    "module-wise reconstruction), 'validate'/'test' evaluate a quantized checkpoint, 'predict' writes its "
+    "predictions. Start from a shipped recipe: adfq-vit fit --config configs/cifar10/vit_w4a4.yaml. Errors print "
+    f"one line; set {DEBUG_ENV}=1 for their traceback."
+)
+
+
+def _ckpt_path(args: list[str]) -> Optional[str]:
+    for i, arg in enumerate(args):
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _refuse_callback_checkpoint(args: list[str]) -> None:
+    """A checkpoint of a user's own Trainer with ADFQCallback holds the user's LightningModule, not ADFQModule."""
+    path = _ckpt_path(args)
+    if not path or not Path(path).is_file():
+        return
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if any(key.split("{")[0] == "ADFQCallback" for key in checkpoint.get("callbacks", {})):
+        raise ValueError(f"{path} was saved by ADFQCallback in your own Trainer, and adfq-vit takes adfq-vit fit "
+                         "checkpoints: evaluate it with your Trainer (trainer.test(MyModule(), ckpt_path=..., with "
+                         "ADFQCallback in its callbacks)) or reload it with adfq_lightning.lightning."
+                         "load_quantized_checkpoint(MyModule, path); adfq-vit-export --ckpt_path exports it.")
+
+
 def main(args: Optional[list[str]] = None) -> None:
     for message in IRRELEVANT_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    ADFQCLI(
-        ADFQModule,
-        LightningDataModule,
-        subclass_mode_data=True,
-        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [PredictionWriter()]},  # the writer acts in predict only
-        save_config_kwargs={"overwrite": True},
-        parser_class=ConciseArgumentParser,
-        args=args,
-    )
+
+    def run() -> None:
+        _refuse_callback_checkpoint(sys.argv[1:] if args is None else list(args))
+        ADFQCLI(
+            ADFQModule,
+            LightningDataModule,
+            subclass_mode_data=True,
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [PredictionWriter()]},  # the writer acts in predict only
+            save_config_kwargs={"overwrite": True},
+            parser_class=ConciseArgumentParser,
+            parser_kwargs={"description": DESCRIPTION},
+            args=args,
+        )
+
+    run_reporting_errors("adfq-vit", run)
     if dist.is_available() and dist.is_initialized():
         # Lightning leaves the DDP process group up. A gloo rank that exits without destroying it can abort at
         # interpreter shutdown ("terminate called without an active exception", pytorch/pytorch#190489), and

@@ -18,7 +18,7 @@ from timm.models import PretrainedCfg
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision.datasets import ImageFolder
 
-from ..data.cifar10 import DEFAULT_ARCHIVE, cifar10_eval_transform, load_bundle
+from ..data.cifar10 import ARCHIVE_ENV, cifar10_eval_transform, default_archive, load_bundle
 from ..data.datasets import TensorImageDataset
 from ..data.decode import CorruptImageError, decode_image_folder, load_image_file
 from ..data.splits import calibration_indices, split_indices
@@ -83,15 +83,16 @@ class CIFAR10DataModule(_CalibrationDataModule):
     """CIFAR-10 calibration images (from the 45k training part) and the 5,000 validation images.
 
     ``source="bundle"`` (default) reads the shipped offline bundle and draws ``num_calib`` of its
-    1,024 calibration images; ``source="archive"`` decodes ``archive_path`` and draws from all
-    45,000 training images.  Validation images are identical for both sources.  ``seed`` selects
+    1,024 calibration images; ``source="archive"`` decodes ``archive_path`` (default:
+    ``$ADFQ_CIFAR10_ARCHIVE``, else ``shared/data/cifar10/train.tar.gz`` beside a source checkout, looked up
+    in ``setup``) and draws from all 45,000 training images.  Validation images are identical for both sources.  ``seed`` selects
     the calibration images; the train/val split itself is fixed (:func:`split_indices`).
     """
 
     def __init__(
         self,
         source: Literal["bundle", "archive"] = "bundle",
-        archive_path: str | Path = DEFAULT_ARCHIVE,
+        archive_path: str | Path | None = None,
         bundle_path: str | Path | None = None,
         cache_dir: str | Path | None = None,
         val_per_class: int = 500,
@@ -104,7 +105,8 @@ class CIFAR10DataModule(_CalibrationDataModule):
         super().__init__(batch_size, num_workers, num_calib, seed, data_config)
         if source not in ("bundle", "archive"):
             raise ValueError(f"source must be 'bundle' or 'archive', got {source!r}")
-        self.source, self.archive_path = source, Path(archive_path)
+        self.source = source
+        self.archive_path = Path(archive_path) if archive_path is not None else None
         self.bundle_path, self.cache_dir = bundle_path, cache_dir
         self.val_per_class = val_per_class
         self.classes: list[str] = []
@@ -117,9 +119,12 @@ class CIFAR10DataModule(_CalibrationDataModule):
             self.classes = bundle["classes"]
             calib_idx = calibration_indices(calib_labels, self.num_calib, self.seed)
         else:
-            if not self.archive_path.exists():
-                raise FileNotFoundError(f"CIFAR-10 archive not found: {self.archive_path}")
-            data = decode_image_folder(self.archive_path, "train", self.cache_dir)
+            archive = self.archive_path or default_archive()
+            if not archive.exists():
+                raise FileNotFoundError(f"CIFAR-10 archive not found: {archive}. Pass archive_path=<train.tar.gz or "
+                                        f"its ImageFolder directory> (or set {ARCHIVE_ENV}), or use source='bundle', "
+                                        "the images shipped with the package.")
+            data = decode_image_folder(archive, "train", self.cache_dir)
             train_idx, val_idx = split_indices(data.labels, self.val_per_class)
             calib_images, calib_labels = data.images, data.labels
             val_images, val_labels = data.images[val_idx], data.labels[val_idx]

@@ -1,9 +1,11 @@
 """What ``ADFQCallback`` and ``ADFQModule`` share: preparing the model, the engine on this rank's shard, the
-recipe check on restore, what loggers get per module, and the run report."""
+recipe check on restore, what loggers get per module, what the run costs, and the run report and its summary."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
+
+from tqdm.auto import tqdm
 
 import lightning.pytorch as pl
 from torch import nn
@@ -13,6 +15,7 @@ from ..checkpoint import recipe_differences
 from ..config import ADFQConfig
 from ..quantizers import Quantizer
 from ..reconstruction import Reconstructor, Stage
+from ..report import summarize
 from .run_report import write_run_report
 from .sharding import calibration_shard
 
@@ -70,5 +73,41 @@ class ReconstructionDriver:
             logger.log_metrics(metrics, step=step)
 
     def write_report(self, trainer: pl.Trainer, model_name: str, evaluation: Optional[dict] = None):
-        """Rank 0 writes ``adfq_report.json``; every rank must call this (``trainer.log_dir`` is a broadcast)."""
-        return write_run_report(trainer, self.config, self.stages, model_name, evaluation)
+        """Rank 0 writes ``adfq_report.json`` and returns its path; every rank must call this (``trainer.log_dir``
+        is a broadcast)."""
+        return write_run_report(trainer, self.config, self.stages, model_name, evaluation)[0]
+
+    def finish(self, trainer: pl.Trainer, model_name: str, evaluation: Optional[dict] = None) -> None:
+        """Write the report and, on rank 0, print its summary; every rank must call this."""
+        path, report = write_run_report(trainer, self.config, self.stages, model_name, evaluation)
+        if path is not None and report["modules"]:
+            tqdm.write(summarize(report, str(path)))
+
+    @staticmethod
+    def announce_budget(trainer: pl.Trainer, engine: Reconstructor, who: str) -> None:
+        """Say on rank 0, once at the start, what the reconstruction costs: modules x iterations."""
+        done, total = engine.progress()
+        if not trainer.is_global_zero or engine.done:
+            return
+        cfg = engine.config
+        what = (f"{len(engine.stages)} modules x {cfg.iters:,} iterations = {total:,} reconstruction iterations"
+                if cfg.reconstruct else f"{len(engine.stages)} modules, calibration only (reconstruct=False)")
+        resumed = f", {done:,} done already" if done else ""
+        tqdm.write(f"{who}: {what}{resumed}. ADFQConfig(iters=...) sets the budget per module.")
+
+    @staticmethod
+    def announce_eta(trainer: pl.Trainer, engine: Reconstructor, stage: Stage) -> None:
+        """After the first module, say on rank 0 how long the rest should take at that pace."""
+        left = len(engine.stages) - engine.stage
+        if not trainer.is_global_zero or stage is not engine.stages[0] or left <= 0:
+            return
+        seconds = float(stage.stats.get("seconds", 0.0))
+        tqdm.write(f"first module took {seconds:.1f} s: about {_duration(seconds * left)} for the other {left}.")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

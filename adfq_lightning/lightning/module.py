@@ -61,6 +61,8 @@ class ADFQModule(pl.LightningModule):
         classes = self.model.num_classes
         self.top1 = MulticlassAccuracy(classes, top_k=1, average="micro")
         self.top5 = MulticlassAccuracy(classes, top_k=min(5, classes), average="micro")
+        # logged as torchmetrics objects, so Lightning knows they are global under DDP and resets them each epoch
+        self.top1_percent, self.top5_percent = self.top1 * 100, self.top5 * 100
         self.driver = ReconstructionDriver(self.config)
         self.eval_tag = "quant"
         self.evaluation: dict[str, dict[str, float]] = {}
@@ -99,7 +101,7 @@ class ADFQModule(pl.LightningModule):
         self.model.train()
 
     def on_train_start(self) -> None:
-        self.driver.start(self.trainer, self.model)
+        self.driver.announce_budget(self.trainer, self.driver.start(self.trainer, self.model), "ADFQModule")
 
     def _backward(self, loss: torch.Tensor) -> None:
         """``manual_backward`` without DDP's gradient all-reduce: the engine sums the active stage's gradients
@@ -131,7 +133,7 @@ class ADFQModule(pl.LightningModule):
         for callback in self.trainer.checkpoint_callbacks:
             if getattr(callback, "save_last", False) and callback.last_model_path:
                 self.trainer.save_checkpoint(callback.last_model_path, weights_only=False)
-        self._write_report()
+        self.driver.finish(self.trainer, self.hparams.model, self.evaluation)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -188,10 +190,8 @@ class ADFQModule(pl.LightningModule):
     def _eval_epoch_end(self, split: str) -> None:
         top1, top5 = self.top1.compute(), self.top5.compute()
         prefix = f"{split}_fp" if self.eval_tag == "fp" else split
-        self.log_dict({f"{prefix}/top1": top1 * 100, f"{prefix}/top5": top5 * 100})
+        self.log_dict({f"{prefix}/top1": self.top1_percent, f"{prefix}/top5": self.top5_percent})
         self.evaluation[prefix] = {"top1": float(top1) * 100, "top5": float(top5) * 100}
-        self.top1.reset()
-        self.top5.reset()
         self._write_report()
 
     def on_validation_epoch_end(self) -> None:

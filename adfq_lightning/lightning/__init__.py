@@ -4,7 +4,7 @@ Everything here is built on the pure-PyTorch core (``adfq_lightning.api``); impo
 imports this package.
 """
 
-from .callback import ADFQCallback, load_quantized_checkpoint
+from .callback import ADFQCallback, load_quantized_checkpoint, load_quantized_vit
 from .checkpoint_io import AtomicCheckpointIO
 from .datamodules import CIFAR10DataModule, ImageFolderDataModule, ReconstructionSteps
 from .export_callback import ExportQuantized
@@ -22,4 +22,5 @@ __all__ = [
     "ReconstructionProgressBar",
     "ReconstructionSteps",
     "load_quantized_checkpoint",
+    "load_quantized_vit",
 ]

@@ -109,6 +109,8 @@ def _refuse_callback_checkpoint(args: list[str]) -> None:
 
 
 def main(args: Optional[list[str]] = None) -> None:
+    """``adfq-vit``: on the command line (``args`` None) the library's errors print as one line; with ``args``
+    given, as from Python, they raise."""
     for message in IRRELEVANT_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
 
@@ -125,7 +127,7 @@ def main(args: Optional[list[str]] = None) -> None:
             args=args,
         )
 
-    run_reporting_errors("adfq-vit", run)
+    run_reporting_errors("adfq-vit", run, command_line=args is None)
     if dist.is_available() and dist.is_initialized():
         # Lightning leaves the DDP process group up. A gloo rank that exits without destroying it can abort at
         # interpreter shutdown ("terminate called without an active exception", pytorch/pytorch#190489), and

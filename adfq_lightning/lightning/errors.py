@@ -1,5 +1,6 @@
-"""How ``adfq-vit`` and ``adfq-vit-export`` report the library's own errors: one message with its fix, the
-traceback only when ``ADFQ_DEBUG=1`` is set (as pip and Lightning keep theirs for debugging)."""
+"""How ``adfq-vit`` and ``adfq-vit-export`` report the library's own errors on the command line: one message with
+its fix, the traceback only when ``ADFQ_DEBUG=1`` is set (as pip and Lightning keep theirs for debugging). Called
+from Python with explicit arguments, the tools raise the exceptions themselves."""
 
 from __future__ import annotations
 
@@ -41,8 +42,11 @@ def library_error(err: BaseException) -> Optional[BaseException]:
     return None
 
 
-def run_reporting_errors(prog: str, main: Callable[[], T]) -> T:
-    """Run a command line tool's ``main``; the library's own errors exit with one line on stderr (status 1)."""
+def run_reporting_errors(prog: str, main: Callable[[], T], command_line: bool = True) -> T:
+    """Run a command line tool's ``main``; on the ``command_line`` the library's own errors exit with one line on
+    stderr (status 1)."""
+    if not command_line:
+        return main()
     try:
         return main()
     except Exception as err:

@@ -31,7 +31,9 @@ def _quantized_model(ckpt_path: str, parser: argparse.ArgumentParser):
 
 def main(argv: Optional[list[str]] = None) -> None:
     """``adfq-vit-export``: export the quantized model of an ``adfq-vit fit`` checkpoint, or of a checkpoint of your
-    own Trainer with ``ADFQCallback``."""
+    own Trainer with ``ADFQCallback``.
+
+    On the command line (``argv`` None) the library's errors print as one line; with ``argv`` given they raise."""
     parser = argparse.ArgumentParser(prog="adfq-vit-export", description=main.__doc__,
                                      epilog=f"Errors print one line; set {DEBUG_ENV}=1 for their traceback.")
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint of adfq-vit fit (e.g. .../checkpoints/last.ckpt) "
@@ -47,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         for path in export_all(model, Path(args.output), args.formats):
             print(f"exported {path} ({os.path.getsize(path) / 2**20:.2f} MiB)")
 
-    run_reporting_errors("adfq-vit-export", export)
+    run_reporting_errors("adfq-vit-export", export, command_line=argv is None)
 
 
 if __name__ == "__main__":

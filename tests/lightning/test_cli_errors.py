@@ -3,6 +3,7 @@ only with ``ADFQ_DEBUG=1``. And the CLI says what it is, with no machine-specifi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,9 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 VIT = str(ROOT / "configs/cifar10/vit_w4a4.yaml")
 
 
-def _one_line_error(capsys, run, prog: str = "adfq-vit") -> str:
+def _one_line_error(capsys, monkeypatch, args: list[str], prog: str = "adfq-vit") -> str:
+    """Run ``prog`` as the command line does (arguments from ``sys.argv``) and return its one error line."""
+    monkeypatch.setattr(sys, "argv", [prog, *args])
     with pytest.raises(SystemExit) as exit_:
-        run()
+        (cli_main if prog == "adfq-vit" else export_main)()
     err = capsys.readouterr().err
     assert exit_.value.code == 1, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
@@ -32,37 +35,43 @@ def _no_debug(monkeypatch):
     monkeypatch.delenv("ADFQ_DEBUG", raising=False)
 
 
-def test_bad_bits_are_one_line(capsys):
-    line = _one_line_error(capsys, lambda: cli_main(["fit", "--config", VIT, "--model.config.w_bits", "9"]))
+def test_bad_bits_are_one_line(capsys, monkeypatch):
+    line = _one_line_error(capsys, monkeypatch, ["fit", "--config", VIT, "--model.config.w_bits", "9"])
     assert "w_bits=9 is not supported: use an integer from 2 to 8." in line
 
 
 def test_debug_switch_gives_the_traceback(monkeypatch):
     monkeypatch.setenv("ADFQ_DEBUG", "1")
-    with pytest.raises(ValueError):  # the exception itself, as Python prints it with its traceback
+    monkeypatch.setattr(sys, "argv", ["adfq-vit", "fit", "--config", VIT, "--model.model", "vit_nope_patch16"])
+    with pytest.raises(ValueError, match="unknown model"):  # the exception itself: Python prints its traceback
+        cli_main()
+
+
+def test_called_from_python_the_tools_raise():
+    with pytest.raises(ValueError, match="unknown model"):
         cli_main(["fit", "--config", VIT, "--model.model", "vit_nope_patch16"])
 
 
-def test_unknown_model_is_one_line(capsys):
-    line = _one_line_error(capsys, lambda: cli_main(["fit", "--config", VIT, "--model.model", "vit_nope_patch16"]))
+def test_unknown_model_is_one_line(capsys, monkeypatch):
+    line = _one_line_error(capsys, monkeypatch, ["fit", "--config", VIT, "--model.model", "vit_nope_patch16"])
     assert "unknown model 'vit_nope_patch16'" in line and "timm.list_models" in line
 
 
-def test_missing_data_root_is_one_line(capsys, tmp_path):
-    line = _one_line_error(capsys, lambda: cli_main([
+def test_missing_data_root_is_one_line(capsys, monkeypatch, tmp_path):
+    line = _one_line_error(capsys, monkeypatch, [
         "fit", "--config", VIT, "--data", "adfq_lightning.lightning.ImageFolderDataModule",
-        "--data.root", str(tmp_path / "nowhere"), "--trainer.logger", "false"]))
+        "--data.root", str(tmp_path / "nowhere"), "--trainer.logger", "false"])
     assert "No 'train' directory under" in line and "root/train/<class>/<image>" in line
 
 
-def test_a_callback_on_adfq_module_is_one_line(capsys, tmp_path):
-    line = _one_line_error(capsys, lambda: cli_main([
+def test_a_callback_on_adfq_module_is_one_line(capsys, monkeypatch, tmp_path):
+    line = _one_line_error(capsys, monkeypatch, [
         "fit", "--config", VIT, "--trainer.callbacks+=adfq_lightning.ADFQCallback", "--trainer.logger", "false",
-        "--trainer.default_root_dir", str(tmp_path)]))
+        "--trainer.default_root_dir", str(tmp_path)])
     assert "remove ADFQCallback" in line
 
 
-def test_export_of_a_checkpoint_of_another_kind_is_one_line(capsys, tmp_path):
+def test_export_of_a_checkpoint_of_another_kind_is_one_line(capsys, monkeypatch, tmp_path):
     class Plain(pl.LightningModule):
         def __init__(self):
             super().__init__()
@@ -71,8 +80,8 @@ def test_export_of_a_checkpoint_of_another_kind_is_one_line(capsys, tmp_path):
     trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
     trainer.strategy.connect(Plain())
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
-    line = _one_line_error(capsys, lambda: export_main(["--ckpt_path", str(tmp_path / "plain.ckpt"), "--output",
-                                                       str(tmp_path / "x")]), prog="adfq-vit-export")
+    line = _one_line_error(capsys, monkeypatch, ["--ckpt_path", str(tmp_path / "plain.ckpt"), "--output",
+                                                 str(tmp_path / "x")], prog="adfq-vit-export")
     assert "neither by adfq-vit fit nor by a Trainer with ADFQCallback" in line and "export_quantized()" in line
 
 
@@ -97,3 +106,17 @@ def test_a_missing_cifar_archive_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("ADFQ_CIFAR10_ARCHIVE", str(tmp_path / "absent.tar.gz"))
     with pytest.raises(FileNotFoundError, match=r"archive not found: .*absent.tar.gz.*archive_path=.*source='bundle'"):
         CIFAR10DataModule("archive").setup()
+
+
+def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    command = shutil.which("adfq-vit")
+    args = [command] if command else [sys.executable, "-m", "adfq_lightning.lightning.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "ADFQ_DEBUG"}
+    done = subprocess.run([*args, "fit", "--config", VIT, "--model.config.w_bits", "9"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "adfq-vit: error: w_bits=9 is not supported: use an integer from 2 to 8." in done.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -115,24 +116,27 @@ def test_adfq_vit_export_takes_a_callback_checkpoint(quantized_run, capsys):
 
 
 def test_an_older_callback_checkpoint_is_refused_in_one_line_naming_the_python_call(quantized_run, tmp_path,
-                                                                                  capsys):
+                                                                                  capsys, monkeypatch):
     _, root, _ = quantized_run
     checkpoint = torch.load(root / "quantized.ckpt", weights_only=True)
     for state in checkpoint["callbacks"].values():
         state.pop("model", None)  # written before the callback stored the architecture
     torch.save(checkpoint, tmp_path / "old.ckpt")
+    monkeypatch.setattr(sys, "argv", ["adfq-vit-export", "--ckpt_path", str(tmp_path / "old.ckpt"), "--output",
+                                      str(tmp_path / "x")])
     with pytest.raises(SystemExit) as exit_:
-        export_main(["--ckpt_path", str(tmp_path / "old.ckpt"), "--output", str(tmp_path / "x")])
+        export_main()  # as on the command line
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 2
     assert "load_quantized_checkpoint(MyModule, path)" in err and "export_quantized(" in err
 
 
-def test_adfq_vit_test_refuses_a_callback_checkpoint_in_one_line(quantized_run, capsys):
+def test_adfq_vit_test_refuses_a_callback_checkpoint_in_one_line(quantized_run, capsys, monkeypatch):
     _, root, _ = quantized_run
+    monkeypatch.setattr(sys, "argv", ["adfq-vit", "test", "--config", str(Path(__file__).resolve().parents[2] /
+                                      "configs/cifar10/vit_w4a4.yaml"), "--ckpt_path", str(root / "quantized.ckpt")])
     with pytest.raises(SystemExit) as exit_:
-        cli_main(["test", "--config", str(Path(__file__).resolve().parents[2] / "configs/cifar10/vit_w4a4.yaml"),
-                  "--ckpt_path", str(root / "quantized.ckpt")])
+        cli_main()  # as on the command line
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "Traceback" not in err and "does not accept option" not in err
     assert "saved by ADFQCallback in your own Trainer" in err and "load_quantized_checkpoint(MyModule, path)" in err

@@ -19,7 +19,7 @@ import statistics
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -287,7 +287,7 @@ def bias_correction_table(runs: list[dict]) -> list[str]:
     for model, bits, iters in cells:
         preset = "adfq" if iters else "adfq_init"
         on, off = pick(runs, model, preset, bits, iters), pick(runs, model, preset, bits, iters, NO_BC)
-        d, k = paired(off, on), paired(off, on, "kl_to_fp")
+        d = paired(off, on)
         if d is None:
             continue
         seeds = set(by_seed(on)) & set(by_seed(off))
@@ -403,11 +403,14 @@ def projection(r: dict) -> dict:
     scale_images, scale_batch = PAPER_IMAGES / r["num_calib"], PAPER_BATCH / r["batch_size"]
     prepare = sum(m["prepare_s"] + m["finish_s"] for m in r["modules"]) * scale_images
     iterate = sum(m["iter_s"] for m in r["modules"]) * PAPER_ITERS * scale_batch
-    per_kind = {}
+    per_kind, over_floor = {}, {}
     for k in ("attention", "mlp"):
         its = [m["iter_s"] for m in r["modules"] if m["kind"] == k]
         per_kind[k] = statistics.mean(its) if its else None
+        ratios = [m["iter_s"] / m["floor_s"] for m in r["modules"] if m["kind"] == k and m.get("floor_s")]
+        over_floor[k] = statistics.mean(ratios) if ratios else None
     return {"hours": (prepare + iterate + r["weight_search_s"]) / 3600, "per_kind_iter_s": per_kind,
+            "over_floor": over_floor,
             "max_cache_mb_1024": max(m["cache_mb"] for m in r["modules"]) * scale_images}
 
 
@@ -425,19 +428,23 @@ def speed_table(data: dict, gpu: bool) -> list[str]:
         p = projection(r)
         k = p["per_kind_iter_s"]
         peak = r.get("peak_gpu_mb") or r.get("peak_rss_mb")
+        floor = p["over_floor"]
         rows.append([r["model"], device_name(r), f"{r['num_calib']} / {r['batch_size']} / {r['iters']}",
-                     f"{k['attention']:.3f} / {k['mlp']:.3f}", f"{p['max_cache_mb_1024'] / 1024:.1f} GB",
+                     f"{k['attention']:.3f} / {k['mlp']:.3f}",
+                     "–" if floor["attention"] is None else f"{floor['attention']:.1f}x / {floor['mlp']:.1f}x", f"{p['max_cache_mb_1024'] / 1024:.1f} GB",
                      f"{peak / 1024:.1f} GB", f"{p['hours']:.2f} h ({p['hours'] * 60:.0f} min)" if gpu else
                      f"{p['hours']:.1f} h", f"{r['total_s'] / 60:.1f} min"])
     lines = table(["model", "device", "images / batch / it per module", "s/iter attention / MLP",
-                   "largest module cache at 1,024 images", "peak memory", "projected paper budget", "measured run"],
-                  rows, ["---", "---", "---", "---:", "---:", "---:", "---:", "---:"])
+                   "iteration / matmul floor, attention / MLP", "largest module cache at 1,024 images", "peak memory", "projected paper budget", "measured run"],
+                  rows, ["---", "---", "---", "---:", "---:", "---:", "---:", "---:", "---:"])
     commands = sorted({r.get("command", "python -m bench speed") for r in runs}, key=len)
     torch = sorted({str(r.get("machine", {}).get("torch", r.get("torch", "?"))).split("+")[0] for r in runs})
     return lines + ["", f"*Regenerate: {'; '.join(f'`{c}`' for c in commands)}. torch {', '.join(torch)}; random "
                         "weights at 224 px, W4A4. The paper's budget (1,024 images, batch 32, 3,000 iterations per "
                         "module) is projected from the measured run: iteration time scaled to batch 32, per-module "
-                        "preparation to 1,024 images. An estimate, not a run.*"]
+                        "preparation to 1,024 images. An estimate, not a run. The floor of an iteration is its matmul "
+                        "FLOPs, forward and backward, over the device's measured fp32 matmul throughput (– where "
+                        "a run predates that measurement).*"]
 
 
 def cuda_graphs_table(data: dict) -> list[str]:

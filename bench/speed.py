@@ -11,6 +11,11 @@ activation-cache size; and for the run: peak memory. It then projects the paper'
 (iteration time scaled linearly from the measured batch to 32 when they differ; cache memory linearly to
 1,024 images). Accuracy is not measured (random weights).
 
+Each module's iteration is also held against a floor: its matmul FLOPs (forward and backward, counted by
+``torch.utils.flop_counter``) over the device's measured fp32 matmul throughput. ``iter_s / floor_s`` says how far
+an iteration is from what the hardware's matmul units allow; the rest is element-wise fake-quant traffic, kernel
+launches and Python.
+
     python -m bench speed                                  # CPU, small budget (about 10 minutes on 2 cores)
     python -m bench speed --device cuda --models deit_small_patch16_224 --num-calib 64 --batch-size 32 --iters 20
     python -m bench speed --device cuda --models deit_small_patch16_224 --num-calib 64 --batch-size 32 \
@@ -48,6 +53,40 @@ def kind(stage_name: str) -> str:
     return "attention" if stage_name.endswith("attn") else "mlp" if stage_name.endswith("mlp") else "other"
 
 
+def matmul_flops_per_s(device, n: int = 2048, repeats: int = 5) -> float:
+    """The device's fp32 matmul throughput (no TF32), the best of ``repeats`` square ``n``-products."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def iteration_flops(engine, batch_size: int) -> int:
+    """Matmul FLOPs of one reconstruction iteration of the current module: its forward and backward on a batch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adfq_lightning.modules import recording_scores
+
+    module, cache = engine.current.module, engine.cache
+    with FlopCounterMode(display=False) as counter, torch.enable_grad(), recording_scores(module):
+        out, scores = cache.forward(module, cache.t_q[:batch_size])
+        loss = out.pow(2).sum() + (0 if scores is None else scores.pow(2).sum())
+        if loss.requires_grad:
+            loss.backward()
+    return counter.get_total_flops()
+
+
 def measure(spec: dict) -> dict:
     """One model, in this process."""
     import warnings
@@ -66,12 +105,13 @@ def measure(spec: dict) -> dict:
     images = torch.randn(spec["num_calib"], 3, 224, 224, generator=torch.Generator().manual_seed(0))
     config = ADFQConfig(w_bits=4, a_bits=4, iters=spec["iters"], batch_size=spec["batch_size"],
                         init_samples=min(256, spec["num_calib"]), cache_device=spec["cache_device"],
-                        cuda_graphs=spec["cuda_graphs"])
+                        cuda_graphs=spec["cuda_graphs"], torch_compile=spec.get("torch_compile"))
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    matmul_rate = matmul_flops_per_s(device)
     reset_peak_rss()
     rss0 = proc_status_mb("VmRSS")
     if device.type == "cuda":
@@ -88,6 +128,7 @@ def measure(spec: dict) -> dict:
         engine.prepare_stage()
         sync()
         prepare_s = time.perf_counter() - t0
+        flops = iteration_flops(engine, config.batch_size)  # its gradients are zeroed by the first step
         times = []
         while not engine.stage_complete():
             t0 = time.perf_counter()
@@ -100,10 +141,12 @@ def measure(spec: dict) -> dict:
         steady = times[1:] or times  # the first iteration pays one-off allocations
         modules.append({"name": stage.name, "kind": kind(stage.name), "prepare_s": prepare_s,
                         "finish_s": time.perf_counter() - t0, "iter_s": statistics.median(steady),
-                        "cache_mb": stage.stats["cache_mb"]})
+                        "first_iter_s": times[0], "cache_mb": stage.stats["cache_mb"], "flops": flops,
+                        "floor_s": flops / matmul_rate})
     total_s = time.perf_counter() - start
     hwm = proc_status_mb("VmHWM")
     result = dict(spec, weight_search_s=weight_search_s, total_s=total_s, modules=modules,
+                  matmul_tflops=matmul_rate / 1e12,
                   peak_rss_mb=hwm, peak_rss_rise_mb=(hwm - rss0) if hwm and rss0 else None,
                   torch=torch.__version__)
     if device.type == "cuda":
@@ -185,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch every kernel of an iteration eagerly on a GPU (ADFQConfig.cuda_graphs=False)")
+    p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
+                   help="compile reconstruction targets (ADFQConfig.torch_compile: auto = the library's choice)")
     p.add_argument("--check-graphs", action="store_true",
                    help="on a GPU: each reference model quantized with and without CUDA graphs, compared "
                         "(with --num-calib 256 --iters 40 --batch-size 32 unless given)")
@@ -206,7 +251,8 @@ def main(argv=None) -> int:
     for model in args.models:
         spec = {"model": model, "device": args.device, "cache_device": args.cache_device,
                 "num_calib": args.num_calib, "batch_size": args.batch_size, "iters": args.iters,
-                "threads": args.threads, "cuda_graphs": args.cuda_graphs}
+                "threads": args.threads, "cuda_graphs": args.cuda_graphs,
+                "torch_compile": {"auto": None, "on": True, "off": False}[args.torch_compile]}
         if any(all(r.get(k) == v for k, v in spec.items()) for r in data["runs"]):
             continue
         print(f"{model} on {args.device} ...", flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import sys
 import warnings
 from contextlib import redirect_stderr
 from pathlib import Path

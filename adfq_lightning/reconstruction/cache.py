@@ -94,12 +94,12 @@ class ActivationCache:
         return self.store(torch.cat(inputs)), kwargs
 
     def forward(self, module: nn.Module, x: torch.Tensor,
-                graph: Optional[TargetCall] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                call: Optional[TargetCall] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Target output (and attention scores) for per-sample inputs ``x`` of shape (n, k, ...), run eagerly or
-        replayed from ``graph``."""
+        through ``call`` (a CUDA graph's replay or a compiled call)."""
         n, flat = x.shape[0], self.load(x.flatten(0, 1))
-        if graph is not None:
-            out, scores = graph(flat)
+        if call is not None:
+            out, scores = call(flat)
         else:
             out = module(flat, **self.kwargs)
             scores = module.scores if isinstance(module, AttentionScores) else None

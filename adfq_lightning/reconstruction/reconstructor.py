@@ -26,6 +26,7 @@ from ..quantizers import BestOfQuantizer, PerPatchOutlierQuantizer, calibrating,
 from .bias_correction import correct_biases
 from .cache import ActivationCache
 from .cross_rank import Shard, all_gather_cat, all_reduce_sum, sum_gradients, world
+from .compiled import CompiledTargets, compiles
 from .cuda_graph import PhaseGraphs
 from .heldout import apply_safeguard, holdout_split, output_error
 from .learnable import (STEP_SIZE_GROUP, adaround_quantizers, freeze, harden, learnable_parameters, make_optimizer,
@@ -89,6 +90,8 @@ class Reconstructor:
         self._initial_state: dict[str, torch.Tensor] = {}  # the current stage's quantizers before reconstruction
         # under DDP a rank's share of the batch varies per iteration; a graph replays fixed shapes
         self.graphs = PhaseGraphs(config.cuda_graphs and self.device.type == "cuda" and world()[1] == 1)
+        self.compiled = CompiledTargets(compiles(config.torch_compile, self.device, config.iters, self.graphs.enabled),
+                                        attention_only=config.torch_compile is None)
 
     # -- state ------------------------------------------------------------------------------------------------
     @property
@@ -260,8 +263,15 @@ class Reconstructor:
             # empty forward would fail), but still takes part in the gradient all-reduce below.
             if len(rows):
                 phase = (self.stage, it >= self.harden_iteration)
-                graph = self.graphs.get(phase, stage.name, module, cache.kwargs, x.flatten(0, 1))
-                out, scores = cache.forward(module, x, graph)
+                call = self.graphs.get(phase, stage.name, module, cache.kwargs, x.flatten(0, 1)) \
+                    or self.compiled.get(module, cache.kwargs)
+                try:
+                    out, scores = cache.forward(module, x, call)
+                except Exception as error:  # noqa: BLE001 - a compiler error of any kind: run eagerly instead
+                    if call is None or not self.compiled.enabled:
+                        raise
+                    self.compiled.failed(stage.name, error)
+                    out, scores = cache.forward(module, x)
                 rec = output_loss(out, cache.load(cache.out_fp[rows]), cfg.rec_p, cache.per_sample_norm,
                                   cfg.batch_size)
                 if cfg.attn_kl and scores is not None and cache.scores_fp is not None:

@@ -162,13 +162,15 @@ def test_uncalibrated_or_switched_off_model_is_refused(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_float_model_and_unnamed_model_are_refused(tmp_path):
+def test_float_model_is_refused_and_an_unnamed_model_exports_from_its_structure(tmp_path):
     with pytest.raises(ValueError, match="quantize"):
         deploy(build_tiny("vit"))
     model, config = quantized("vit")
-    model.pretrained_cfg = {}
-    with pytest.raises(ValueError, match="model_name="):
-        export_quantized(model, tmp_path / "q.safetensors", config)
+    model.pretrained_cfg = {}  # no timm name: the architecture is read off the model's structure
+    path = export_quantized(model, tmp_path / "q.safetensors")
+    x = make_images(2)
+    with torch.no_grad():
+        assert torch.allclose(load_exported(path)(x), model(x), atol=1e-5)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 

@@ -15,7 +15,7 @@ from .quantizers import set_quantization
 from .reconstruction import Reconstructor, check_supported
 from .reconstruction.cross_rank import world
 from .recipe import attach_config, display_name
-from .report import build_report, summarize
+from .quantization_report import build_report, summarize
 
 __all__ = ["ADFQConfig", "prepare", "quantize", "set_quantization"]
 

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from adfq_lightning import ADFQConfig, quantize
-from adfq_lightning.report import build_report, summarize
+from adfq_lightning.quantization_report import build_report, summarize
 
 from conftest import build_tiny, make_images
 
@@ -52,7 +52,7 @@ def test_quantize_without_report_returns_the_model_only():
 
 
 def test_the_report_is_built_by_the_core_without_lightning():
-    probe = ("import sys; from adfq_lightning.report import build_report; "
+    probe = ("import sys; from adfq_lightning.quantization_report import build_report; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'torchmetrics', 'jsonargparse')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -15,7 +15,7 @@ from ..checkpoint import recipe_differences
 from ..config import ADFQConfig
 from ..quantizers import Quantizer
 from ..reconstruction import Reconstructor, Stage
-from ..report import summarize
+from ..quantization_report import summarize
 from .run_report import write_run_report
 from .sharding import calibration_shard
 

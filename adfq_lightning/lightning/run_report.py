@@ -1,5 +1,5 @@
 """The run report (``adfq_report.json``) of a Trainer run, written by global rank 0; built by the core's
-:func:`~adfq_lightning.report.build_report`, as ``quantize(..., report=True)`` builds it."""
+:func:`~adfq_lightning.quantization_report.build_report`, as ``quantize(..., report=True)`` builds it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 from ..atomic import atomic_write
 from ..config import ADFQConfig
-from ..report import build_report
+from ..quantization_report import build_report
 
 REPORT_NAME = "adfq_report.json"
 

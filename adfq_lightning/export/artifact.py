@@ -33,7 +33,9 @@ from .packing import pack_codes, unpack_codes
 
 __all__ = ["ARTIFACT_FORMAT", "export_quantized", "load_exported"]
 
-ARTIFACT_FORMAT = "adfq-lightning-artifact/1"
+ARTIFACT_FORMAT = "adfq-lightning-artifact/2"
+#: earlier formats this version still reads (format 1 packed 2-3-bit codes in nibbles, 5-7-bit codes in bytes)
+_READABLE_FORMATS = ("adfq-lightning-artifact/1", ARTIFACT_FORMAT)
 HEADER_KEY = "adfq_lightning"
 
 
@@ -134,8 +136,8 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is a safetensors file but not an adfq-lightning artifact (no valid "
                          f"'{HEADER_KEY}' header): export it with export_quantized().") from err
-    if header.get("format") != ARTIFACT_FORMAT:
-        raise ValueError(f"{path} has format {header.get('format')!r}; this version reads {ARTIFACT_FORMAT!r}.")
+    if header.get("format") not in _READABLE_FORMATS:
+        raise ValueError(f"{path} has format {header.get('format')!r}; this version reads {_READABLE_FORMATS}.")
     return header, tensors
 
 
@@ -166,7 +168,8 @@ def _rebuild(header: dict, tensors: dict[str, torch.Tensor], source: str, model:
     for key, spec in header["packed"].items():
         if key not in tensors:
             raise ValueError(f"{source} lacks {key}: the file is corrupt.")
-        tensors[key] = unpack_codes(tensors[key], spec["bits"], tuple(spec["shape"]))
+        tensors[key] = unpack_codes(tensors[key], spec["bits"], tuple(spec["shape"]),
+                                    dense=header["format"] != _READABLE_FORMATS[0])
     for key in header.get("float16", []):
         if key in tensors:
             tensors[key] = tensors[key].float()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 
@@ -47,13 +48,42 @@ def outputs(model, x):
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_codes_pack_and_unpack_for_every_bit_width(bits):
+def test_codes_pack_densely_and_unpack_for_every_bit_width(bits):
     codes = torch.randint(0, 2**bits, (7, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
     packed = pack_codes(codes, bits)
-    assert packed.numel() == (18 if bits <= 4 else 35)  # two codes a byte up to 4 bits (35 codes: one pad)
+    assert packed.numel() == -(-35 * bits // 8)  # 35 codes of b bits: ceil(35 b / 8) bytes
     assert torch.equal(unpack_codes(packed, bits, (7, 5)), codes)
     with pytest.raises(ValueError, match="corrupt"):
         unpack_codes(packed[:-3], bits, (7, 5))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_codes_of_format_1_artifacts_still_unpack(bits):
+    """Format 1 kept 2-4-bit codes two to a byte (low nibble first) and 5-8-bit codes one to a byte."""
+    codes = torch.randint(0, 2**bits, (7, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    flat = codes.reshape(-1)
+    legacy = flat.clone() if bits > 4 else flat[0::2] | (torch.cat([flat[1::2], flat.new_zeros(1)]) << 4)
+    assert torch.equal(unpack_codes(legacy, bits, (7, 5), dense=False), codes)
+
+
+def test_a_mix_of_widths_packs_each_layer_at_its_own_width_and_round_trips(tmp_path):
+    """3-bit and 6-bit blocks in one artifact: each layer's codes take ceil(n * bits / 8) bytes on disk."""
+    from adfq_lightning.export.artifact import _read
+    from adfq_lightning.export.packing import packed_size
+
+    overrides = {**ADFQConfig().overrides, "blocks.0.*": {"w_bits": 3}, "blocks.1.*": {"w_bits": 6}}
+    config = ADFQConfig(w_bits=4, a_bits=4, reconstruct=False, overrides=overrides)
+    model = quantize(build_tiny("vit"), make_images(16), config)
+    path = export_quantized(model, tmp_path / "mixed.safetensors")
+    header, tensors = _read(path)
+    widths = {key: spec["bits"] for key, spec in header["packed"].items()}
+    assert {widths["blocks.0.attn.qkv.weight_codes"], widths["blocks.1.mlp.fc2.weight_codes"]} == {3, 6}
+    for key, spec in header["packed"].items():
+        numel = math.prod(spec["shape"])
+        assert tensors[key].numel() == packed_size(numel, spec["bits"]), key
+    x = make_images(4)
+    with torch.no_grad():
+        assert torch.equal(load_exported(path)(x), deploy(copy.deepcopy(model))(x))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

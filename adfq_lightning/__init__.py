@@ -6,6 +6,7 @@ Lightning face (:mod:`adfq_lightning.lightning`); naming them here imports Light
 
 __version__ = "0.2.0"
 
+from .allocation import BitBudget, allocate_bits
 from .api import ADFQConfig, prepare, quantize, set_quantization
 from .checkpoint import load_quantized, save_quantized
 from .modules import UnsupportedModuleError, register
@@ -14,7 +15,9 @@ __all__ = [
     "ADFQCallback",
     "ADFQConfig",
     "ADFQModule",
+    "BitBudget",
     "UnsupportedModuleError",
+    "allocate_bits",
     "load_quantized",
     "prepare",
     "quantize",

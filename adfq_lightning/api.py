@@ -8,6 +8,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from .allocation import BitBudget, allocate_bits
 from .config import ADFQConfig
 from .data.calibration import CalibData, collect_images, record_inputs
 from .modules import calibrate_weights, convert, is_calibrated, is_converted
@@ -50,6 +51,11 @@ def prepare(model: nn.Module, config: ADFQConfig) -> nn.Module:
     The model keeps ``config`` with its architecture and constructor arguments as its recipe
     (:func:`~adfq_lightning.recipe.model_recipe`): what :func:`~adfq_lightning.export.export_quantized` writes.
     """
+    if config.bit_budget is not None:
+        raise ValueError("bit_budget needs calibration images to allocate widths, which quantize() has and this path "
+                         "does not: allocate first, overrides = adfq_lightning.allocate_bits(model, images, "
+                         "BitBudget(...), config), then use config.replace(overrides={**config.overrides, "
+                         "**overrides}) here (in YAML: model.config.overrides).")
     check_supported(model)
     if not is_converted(model):
         _check_weights(model)
@@ -121,6 +127,9 @@ def quantize(
         sample_ids = torch.arange(images.shape[0])
     num_samples = int(num_samples if num_samples is not None else images.shape[0])
     model.eval()
+    if config.bit_budget is not None:
+        allocated = allocate_bits(model, images, BitBudget(**config.bit_budget), config.replace(bit_budget=None))
+        config = config.replace(overrides={**config.overrides, **allocated}, bit_budget=None)
     prepare(model, config)
     engine = Reconstructor(model, config, images, sample_ids, num_samples)
     engine.run(log=log)

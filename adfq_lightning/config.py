@@ -51,6 +51,9 @@ class QuantScheme:
             L2 error): how ADFQ searches the per-channel weight grid.
         percentile: clipping percentile of the ``percentile`` baseline.
         overrides: ``{fnmatch pattern on the module name: {"w_bits": .., "a_bits": ..}}``; the last match wins.
+        bit_budget: mixed precision: ``{"w_bits": 3.5, "a_bits": 3.5, "candidates": [3, 4, 6, 8]}`` (the fields of
+            :class:`~adfq_lightning.BitBudget`) lets ``quantize()`` allocate the width of every module that
+            ``overrides`` does not name, before it calibrates.
     """
 
     w_bits: int = 4
@@ -67,6 +70,7 @@ class QuantScheme:
     weight_grid: Literal["search", "reference"] = "search"
     percentile: float = 0.9999
     overrides: dict[str, dict[str, int]] = field(default_factory=_default_overrides)
+    bit_budget: Optional[dict] = None
 
     def _check_scheme(self) -> None:
         check_bits(self.w_bits, "w_bits")
@@ -87,6 +91,17 @@ class QuantScheme:
             for key, value in bits.items():
                 check_bits(value, f"overrides[{pattern!r}][{key!r}]")
         _check_choices(self, {"weight_grid": ("search", "reference"), "act_family": ("auto", "log")})
+        if self.bit_budget is not None:
+            from .allocation.budget import BitBudget  # here: the allocation package builds on this module
+
+            if not isinstance(self.bit_budget, dict):
+                raise ValueError(f"bit_budget={self.bit_budget!r} must be a mapping such as "
+                                 "{'w_bits': 3.5, 'a_bits': 3.5}.")
+            try:
+                BitBudget(**self.bit_budget)
+            except TypeError as err:
+                raise ValueError(f"bit_budget={self.bit_budget!r}: {err}; its keys are w_bits, a_bits, "
+                                 "candidates.") from None
 
     def bits_for(self, module_name: str) -> tuple[int, int]:
         """(weight bits, activation bits) of a module, after ``overrides``."""

@@ -18,6 +18,7 @@ from ..modules import is_calibrated, is_converted
 from ..recipe import display_name, model_recipe
 from .driver import ReconstructionDriver
 from .progress import CalibrationProgress
+from .strategies import check_strategy
 
 
 def find_vit(pl_module: pl.LightningModule, model_attr: Optional[str]) -> nn.Module:
@@ -56,11 +57,15 @@ class ADFQCallback(Callback):
         model_attr: attribute of the LightningModule holding the timm model (default: first ViT found).
         calib_dataloader: calibration images (tensors or (images, labels) batches), with eval transforms.
         num_calib: calibration images used (1024 in the paper).
+        collective_timeout: under DDP, seconds a collective of the calibration waits for the other ranks before the
+            run stops with an error (None: the process group's own timeout, 30 minutes unless the strategy sets
+            one). Lightning's own collectives keep the strategy's: ``DDPStrategy(timeout=timedelta(minutes=2))``.
     """
 
     def __init__(self, config: Optional[ADFQConfig] = None, model_attr: Optional[str] = None,
-                 calib_dataloader: Optional[Any] = None, num_calib: int = 1024) -> None:
-        self.driver = ReconstructionDriver(config or ADFQConfig())
+                 calib_dataloader: Optional[Any] = None, num_calib: int = 1024,
+                 collective_timeout: Optional[float] = 120.0) -> None:
+        self.driver = ReconstructionDriver(config or ADFQConfig(), collective_timeout)
         self.model_attr = model_attr
         self.calib_dataloader = calib_dataloader
         self.num_calib = num_calib
@@ -81,6 +86,7 @@ class ADFQCallback(Callback):
         if isinstance(pl_module, ADFQModule):
             raise ValueError("ADFQCallback quantizes your own LightningModule; ADFQModule quantizes itself: remove "
                              "ADFQCallback from the Trainer's callbacks (its recipe is ADFQModule's config).")
+        check_strategy(trainer.strategy)
         if sum(isinstance(c, ADFQCallback) for c in trainer.callbacks) > 1:
             raise ValueError("this Trainer has more than one ADFQCallback: a model is quantized once, keep one.")
         model = find_vit(pl_module, self.model_attr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -12,13 +13,16 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from .errors import DEBUG_ENV, run_reporting_errors
+from .faults import RUNNING, stop_after_failure
 from .module import ADFQModule
 from .predictions import PredictionWriter
 from .progress import ReconstructionProgressBar
 from .run_report import REPORT_NAME
+from .strategies import check_strategy_name
 
 TRAINER_DEFAULTS = {
     "max_epochs": -1,  # the module stops the loop once every stage is reconstructed
@@ -41,13 +45,26 @@ class ADFQCLI(LightningCLI):
         # Eval transforms come from timm's data config of the model (input size, mean/std, interpolation).
         parser.link_arguments("model.data_config", "data.init_args.data_config", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse a strategy calibration does not run under before the Trainer is built (on a CPU Lightning
+        rejects 'fsdp' and 'deepspeed' while building it, with a message about devices)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_strategy_name(config["trainer"].get("strategy"))
+
     def instantiate_trainer(self, **kwargs):
-        """The Trainer, with the reconstruction progress bar unless the progress bar is switched off."""
+        """The Trainer, with the reconstruction progress bar unless the progress bar is switched off; a DDP
+        strategy given by name gets the model's ``collective_timeout`` for Lightning's own collectives."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        strategy = config["trainer"].get("strategy")
+        timeout = getattr(self.model, "hparams", {}).get("collective_timeout")
+        if isinstance(strategy, str) and strategy.startswith("ddp") and timeout is not None:
+            kwargs["strategy"] = DDPStrategy(timeout=timedelta(seconds=timeout),
+                                             find_unused_parameters=strategy.endswith("_true"))
         if config["trainer"].get("enable_progress_bar", True) is not False:
             existing = config["trainer"].get("callbacks") or []
             kwargs["callbacks"] = [*(existing if isinstance(existing, list) else [existing]), ReconstructionProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        RUNNING["trainer"] = trainer = super().instantiate_trainer(**kwargs)
+        return trainer
 
     def after_fit(self) -> None:
         """Evaluate the full-precision and the quantized model on the validation set and print both."""
@@ -114,18 +131,22 @@ def main(args: Optional[list[str]] = None) -> None:
     for message in IRRELEVANT_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
 
+    argv = sys.argv[1:] if args is None else list(args)
+
     def run() -> None:
-        _refuse_callback_checkpoint(sys.argv[1:] if args is None else list(args))
-        ADFQCLI(
-            ADFQModule,
-            LightningDataModule,
-            subclass_mode_data=True,
-            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [PredictionWriter()]},  # the writer acts in predict only
-            save_config_kwargs={"overwrite": True},
-            parser_class=ConciseArgumentParser,
-            parser_kwargs={"description": DESCRIPTION},
-            args=args,
-        )
+        _refuse_callback_checkpoint(argv)
+        with stop_after_failure(argv, command_line=args is None):
+            ADFQCLI(
+                ADFQModule,
+                LightningDataModule,
+                subclass_mode_data=True,
+                # the writer acts in predict only
+                trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [PredictionWriter()]},
+                save_config_kwargs={"overwrite": True},
+                parser_class=ConciseArgumentParser,
+                parser_kwargs={"description": DESCRIPTION},
+                args=args,
+            )
 
     run_reporting_errors("adfq-vit", run, command_line=args is None)
     if dist.is_available() and dist.is_initialized():

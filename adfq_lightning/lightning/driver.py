@@ -15,6 +15,7 @@ from ..checkpoint import recipe_differences
 from ..config import ADFQConfig
 from ..quantizers import Quantizer
 from ..reconstruction import Reconstructor, Stage
+from ..reconstruction.cross_rank import bound_collectives
 from ..quantization_report import summarize
 from .run_report import write_run_report
 from .sharding import calibration_shard
@@ -23,8 +24,12 @@ from .sharding import calibration_shard
 class ReconstructionDriver:
     """One quantization run inside a Trainer: the recipe, the engine, and the Lightning plumbing around it."""
 
-    def __init__(self, config: ADFQConfig) -> None:
+    def __init__(self, config: ADFQConfig, collective_timeout: Optional[float] = 120.0) -> None:
+        if collective_timeout is not None and not collective_timeout > 0:
+            raise ValueError(f"collective_timeout={collective_timeout!r} must be a positive number of seconds "
+                             "(or None).")
         self.config = config
+        self.collective_timeout = collective_timeout
         self.engine: Optional[Reconstructor] = None
         self.resume_state: Optional[dict] = None  # an engine state restored from a checkpoint, loaded at start
 
@@ -47,6 +52,7 @@ class ReconstructionDriver:
               limit: Optional[int] = None) -> Reconstructor:
         """The engine over this rank's shard of the calibration images (``loader``, else the datamodule's),
         resumed from :attr:`resume_state` when a checkpoint gave one."""
+        bound_collectives(self.collective_timeout)  # every rank starts here, in the same order
         images, ids, n = calibration_shard(trainer, loader, limit)
         device = trainer.strategy.root_device
         self.engine = Reconstructor(model.eval(), self.config, images, ids, n, device=device)

@@ -19,7 +19,9 @@ from ..modules import is_calibrated
 from ..quantizers import set_quantization
 from ..reconstruction import Reconstructor, Stage, make_optimizer
 from .driver import ReconstructionDriver
+from .preemption import PreemptionHandler
 from .sharding import global_positions
+from .strategies import check_strategy
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,18 @@ class ADFQModule(pl.LightningModule):
         config: the quantization recipe (an ADFQConfig; a dict of its fields is accepted too, as checkpoints store it).
             Typed as ADFQConfig only so that the CLI rejects unknown keys instead of passing them on in a dict.
         iters_per_step: reconstruction iterations per training step.
+        collective_timeout: under DDP, seconds a collective of the calibration waits for the other ranks before the
+            run stops with an error naming the resume command (a rank that died stops the others at once); the
+            CLI gives Lightning's own process group the same timeout. None: the process group's own (30 minutes
+            by default).
+
+    A requeue or termination signal (SIGUSR1, or the SLURM requeue signal, and SIGTERM) stops ``fit`` at the end of
+    the current training step with a checkpoint on every rank alike (:mod:`.preemption`).
     """
 
     def __init__(self, model: str = "vit_cifar", pretrained: bool = True, checkpoint_path: Optional[str] = None,
                  model_kwargs: Optional[dict[str, Any]] = None, config: Optional[ADFQConfig] = None,
-                 iters_per_step: int = 10) -> None:
+                 iters_per_step: int = 10, collective_timeout: Optional[float] = 120.0) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.config = ADFQConfig(**config) if isinstance(config, dict) else (config or ADFQConfig())
@@ -56,14 +65,15 @@ class ADFQModule(pl.LightningModule):
         # the recipe as plain types (the checkpoint loads with weights_only, loggers show the bit widths)
         self.save_hyperparameters({"model": model, "pretrained": pretrained, "checkpoint_path": checkpoint_path,
                                    "model_kwargs": model_kwargs, "config": self.config.to_dict(),
-                                   "iters_per_step": iters_per_step})
+                                   "iters_per_step": iters_per_step, "collective_timeout": collective_timeout})
         self.model = create_model(model, pretrained=pretrained, checkpoint_path=checkpoint_path, **(model_kwargs or {}))
         classes = self.model.num_classes
         self.top1 = MulticlassAccuracy(classes, top_k=1, average="micro")
         self.top5 = MulticlassAccuracy(classes, top_k=min(5, classes), average="micro")
         # logged as torchmetrics objects, so Lightning knows they are global under DDP and resets them each epoch
         self.top1_percent, self.top5_percent = self.top1 * 100, self.top5 * 100
-        self.driver = ReconstructionDriver(self.config)
+        self.driver = ReconstructionDriver(self.config, collective_timeout)
+        self.preemption = PreemptionHandler()
         self.eval_tag = "quant"
         self.evaluation: dict[str, dict[str, float]] = {}
 
@@ -86,6 +96,7 @@ class ADFQModule(pl.LightningModule):
         return self.driver.engine
 
     def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy)
         self.driver.prepare(self.model)
 
     def configure_optimizers(self):
@@ -102,6 +113,7 @@ class ADFQModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self.driver.announce_budget(self.trainer, self.driver.start(self.trainer, self.model), "ADFQModule")
+        self.preemption.install(self.trainer)
 
     def _backward(self, loss: torch.Tensor) -> None:
         """``manual_backward`` without DDP's gradient all-reduce: the engine sums the active stage's gradients
@@ -126,6 +138,11 @@ class ADFQModule(pl.LightningModule):
         if engine.done:
             self.trainer.should_stop = True
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # after the callbacks' hook (ModelCheckpoint's save): the state a preemption checkpoint holds is theirs
+        if not self.engine.done:
+            self.preemption.stop_if_signalled(self.trainer)
+
     def on_train_end(self) -> None:
         """The finished model goes into ``last.ckpt``: Lightning's ModelCheckpoint writes its last checkpoint at
         the end of fit only when it wrote none during it, which leaves an unfinished one when the run's step
@@ -134,6 +151,7 @@ class ADFQModule(pl.LightningModule):
             if getattr(callback, "save_last", False) and callback.last_model_path:
                 self.trainer.save_checkpoint(callback.last_model_path, weights_only=False)
         self.driver.finish(self.trainer, self.hparams.model, self.evaluation)
+        self.preemption.finished(self.trainer)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,13 +1,25 @@
 """Cross-rank sums: the few collectives calibration needs, on ``torch.distributed`` (what Lightning's DDP
-strategies set up). Each rank holds a shard of the calibration images; these make its results global."""
+strategies set up). Each rank holds a shard of the calibration images; these make its results global.
+
+:func:`bound_collectives` gives them a process group of their own whose collectives wait at most a given time,
+whatever the default group's timeout (30 minutes unless set): a rank that died makes the others fail at once
+(its connections close), a rank that hangs makes them fail after that time, with a :class:`CollectiveError`.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from datetime import timedelta
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+_bounded: dict = {"group": None, "timeout": None, "default": None}
+
+
+class CollectiveError(RuntimeError):
+    """A collective of the calibration failed: another rank died or stopped answering within the timeout."""
 
 
 def world() -> tuple[int, int]:
@@ -17,9 +29,43 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def bound_collectives(timeout_s: Optional[float]) -> None:
+    """Run the collectives below in a group of every rank whose collectives time out after ``timeout_s`` seconds
+    (None: the default group and its timeout). Every rank must call this, in the same order as its other
+    collectives; outside a process group it does nothing."""
+    if world()[1] == 1 or timeout_s is None:
+        _bounded.update(group=None, timeout=None, default=None)
+        return
+    default = dist.group.WORLD
+    if _bounded["group"] is None or _bounded["timeout"] != timeout_s or _bounded["default"] is not default:
+        _bounded.update(group=dist.new_group(timeout=timedelta(seconds=timeout_s)), timeout=timeout_s,
+                        default=default)
+
+
+def _collective(what: str, op: Callable[..., object], *args) -> None:
+    group = _bounded["group"] if _bounded["default"] is dist.group.WORLD else None
+    try:
+        op(*args, group=group)
+    except RuntimeError as err:  # gloo: "Connection reset/closed by peer", "Timed out waiting ...ms"
+        rank, size = world()
+        raise CollectiveError(f"rank {rank} of {size}: the {what} across ranks failed: {cause(err, group is not None)} "
+                              f"({str(err).splitlines()[0][:160]})") from err
+
+
+def cause(err: BaseException, bounded: bool = True) -> str:
+    """What a failed collective's error says happened to the other ranks."""
+    text = str(err).lower()
+    if "timed out" in text or "timeout" in text:
+        limit = f"{_bounded['timeout']:g} s" if bounded and _bounded["timeout"] else "the process group's timeout"
+        return f"a collective timed out: another rank stopped answering for {limit} (hung, stopped or far behind)"
+    if "closed" in text or "reset" in text or "broken pipe" in text or "aborted" in text:
+        return "another rank stopped: its connection closed (the process died or was killed)"
+    return "another rank died or stopped answering"
+
+
+def all_reduce_sum(t: torch.Tensor, what: str = "sum of a module's errors, loss terms or statistics") -> torch.Tensor:
     if world()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        _collective(what, dist.all_reduce, t, dist.ReduceOp.SUM)
     return t
 
 
@@ -30,12 +76,12 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
         return t
     n = torch.tensor([t.shape[0]], device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(size)]
-    dist.all_gather(sizes, n)
+    _collective("gather of the initialisation inputs", dist.all_gather, sizes, n)
     longest = int(max(s.item() for s in sizes))
     padded = t.new_zeros((longest, *t.shape[1:]))
     padded[: t.shape[0]] = t
     parts = [torch.zeros_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded)
+    _collective("gather of the initialisation inputs", dist.all_gather, parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
@@ -44,7 +90,7 @@ def sum_gradients(params: Sequence[nn.Parameter]) -> None:
     if world()[1] == 1 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), "gradient sum")
     for p, chunk in zip(params, flat.split([p.numel() for p in params])):
         p.grad = chunk.view_as(p).clone()
 

@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from .errors import DEBUG_ENV, run_reporting_errors
-from .faults import RUNNING, stop_after_failure
+from .faults import RUNNING, ckpt_path_arg, stop_after_failure
 from .module import ADFQModule
 from .predictions import PredictionWriter
 from .progress import ReconstructionProgressBar
@@ -103,18 +103,9 @@ DESCRIPTION = (
 )
 
 
-def _ckpt_path(args: list[str]) -> Optional[str]:
-    for i, arg in enumerate(args):
-        if arg == "--ckpt_path" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--ckpt_path="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def _refuse_callback_checkpoint(args: list[str]) -> None:
     """A checkpoint of a user's own Trainer with ADFQCallback holds the user's LightningModule, not ADFQModule."""
-    path = _ckpt_path(args)
+    path = ckpt_path_arg(args)
     if not path or not Path(path).is_file():
         return
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -134,8 +125,8 @@ def main(args: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
 
     def run() -> None:
-        _refuse_callback_checkpoint(argv)
         with stop_after_failure(argv, command_line=args is None):
+            _refuse_callback_checkpoint(argv)
             ADFQCLI(
                 ADFQModule,
                 LightningDataModule,

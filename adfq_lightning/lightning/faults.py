@@ -42,6 +42,26 @@ def rank_failure(err: Optional[BaseException]) -> Optional[str]:
     return None
 
 
+def _corrupt_checkpoint(err: Optional[BaseException]) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if "PytorchStreamReader failed" in str(err) or "failed finding central directory" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def ckpt_path_arg(argv: list[str]) -> Optional[str]:
+    """The value of ``--ckpt_path`` among command-line arguments, if given."""
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def resume_command(argv: list[str]) -> str:
     """The command that resumes this ``fit``: the same arguments, ``--ckpt_path last``."""
     kept, skip = [], False
@@ -84,6 +104,11 @@ def stop_after_failure(argv: list[str], command_line: bool) -> Iterator[None]:
             sys.stderr.write(f"adfq-vit: {stop}\n")
         raise SystemExit(128 + stop.signum) from None
     except BaseException as err:
+        if _corrupt_checkpoint(err):
+            raise ValueError(f"the checkpoint to resume from (--ckpt_path {ckpt_path_arg(argv)}) is truncated or corrupt: "
+                             "resume from an earlier checkpoint file with --ckpt_path <file>. A checkpoint written "
+                             "with --trainer.plugins adfq_lightning.lightning.AtomicCheckpointIO is either complete "
+                             "or not there") from err
         cause = rank_failure(err)
         if cause is None:
             raise

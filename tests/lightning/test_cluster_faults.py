@@ -28,8 +28,8 @@ import pytest
 import torch
 import yaml
 
-from robust_helpers import TINY_TIMM_VIT
 from test_distributed import RTOL, _ddp_env, _free_port, assert_state_dicts_match, needs_gloo
+from test_robustness import cli_config
 
 pytestmark = [pytest.mark.slow, needs_gloo]
 TIMEOUT_S = 30  # collective timeout of these runs (the default is 120 s)
@@ -38,26 +38,12 @@ CLI = [sys.executable, "-m", "adfq_lightning.lightning.cli", "fit"]
 
 
 def config(root: Path, devices: int, *extra_callbacks: dict) -> str:
-    """4 modules x 3 iterations, one iteration per training step, ``last.ckpt`` after every step."""
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto", "logger": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(root),
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 1, "save_last": True,
-                               "save_top_k": 0}},
-                {"class_path": "fault_helpers.SaveFinalState", "init_args": {"path": str(root / "final.pt")}},
-                *extra_callbacks,
-            ],
-        },
-        "model": {"model": "vit_tiny_patch16_224", "pretrained": False, "model_kwargs": TINY_TIMM_VIT,
-                  "iters_per_step": 1, "collective_timeout": TIMEOUT_S,
-                  "config": {"iters": 3, "batch_size": 4, "init_samples": 8, "bias_correction": True}},
-        "data": {"class_path": "robust_helpers.RandomImages", "init_args": {"num": 20, "batch_size": 4}},
-    }
+    """test_robustness's run (4 modules x 3 iterations, one iteration per training step, ``last.ckpt`` after every
+    step) on ``devices`` processes, rank 0 alone writing the final state, collectives timing out after 30 s."""
+    cfg = yaml.safe_load(Path(cli_config(root, *extra_callbacks)).read_text())
+    cfg["trainer"].update(devices=devices, strategy="ddp" if devices > 1 else "auto")
+    cfg["trainer"]["callbacks"][1]["class_path"] = "fault_helpers.SaveFinalState"
+    cfg["model"]["collective_timeout"] = TIMEOUT_S
     path = root / f"config_{devices}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -150,6 +136,20 @@ def test_dead_or_hung_rank_stops_the_others_in_bounded_time(reference, tmp_path,
     if point == "iteration":  # resume on the 2 ranks: the uninterrupted result
         launch(CLI + ["--config", config(tmp_path, 2), "--ckpt_path", "last"], tmp_path / "resume.txt")
         assert_state_dicts_match(reference, final_state(tmp_path), RTOL)
+
+
+@pytest.mark.parametrize("ckpt_path", ["last", "file"])
+def test_corrupt_last_checkpoint_on_resume_is_one_clear_error(tmp_path, ckpt_path):
+    """A truncated last.ckpt (Lightning's own writer can leave one when its temporary directory is on another
+    filesystem; AtomicCheckpointIO cannot) is refused in one message naming the fix."""
+    from adfq_lightning.lightning.cli import main as cli_main
+
+    cfg = config(tmp_path, 1)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "last.ckpt").write_bytes(b"PK\x03\x04 half a checkpoint")
+    arg = "last" if ckpt_path == "last" else str(tmp_path / "ckpt" / "last.ckpt")
+    with pytest.raises(ValueError, match=f"--ckpt_path {arg}\\) is truncated or corrupt: resume from an earlier"):
+        cli_main(["fit", "--config", cfg, "--ckpt_path", arg])
 
 
 # -- preemption --------------------------------------------------------------------------------------------------

@@ -310,24 +310,31 @@ def bias_correction_table(runs: list[dict]) -> list[str]:
                               "paired difference, with its standard error over seeds.")]
 
 
+def paired_with_default(runs: list[dict], models: tuple, changes: dict) -> list[tuple[str, int, list, list]]:
+    """(model, bits, default runs, runs with ``changes``) at the recipe's 1,000 it/module, on the seeds both ran."""
+    found = []
+    for model in models:
+        for bits in (3, 4):
+            base = pick(runs, model, "adfq", bits, RECIPE_ITERS)
+            other = pick(runs, model, "adfq", bits, RECIPE_ITERS, changes)
+            seeds = set(by_seed(base)) & set(by_seed(other))
+            if seeds:
+                found.append((model, bits, [r for r in base if r["seed"] in seeds],
+                              [r for r in other if r["seed"] in seeds]))
+    return found
+
+
 def step_size_table(runs: list[dict]) -> list[str]:
     """1,000 it/module with the step sizes at 1.2e-4 against the paper's 4e-5, seed by seed."""
     rows, used, counts = [], [], []
-    for model in MODELS + VARIANTS:
-        for bits in (3, 4):
-            paper = pick(runs, model, "adfq", bits, RECIPE_ITERS)
-            fast = pick(runs, model, "adfq", bits, RECIPE_ITERS, {"scale_lr": 1.2e-4})
-            seeds = set(by_seed(paper)) & set(by_seed(fast))
-            if not seeds:
-                continue
-            paper, fast = [r for r in paper if r["seed"] in seeds], [r for r in fast if r["seed"] in seeds]
-            used += paper + fast
-            counts.append(fast)
-            d = paired(paper, fast)
-            rows.append([f"`{model}`", f"W{bits}A{bits}", str(len(seeds)), f"{mean(paper):.2f} → {mean(fast):.2f}",
-                         f"{signed(d[0])} ({d[1]:.2f})",
-                         f"{mean(paper, 'kl_to_fp'):.4f} → {mean(fast, 'kl_to_fp'):.4f}",
-                         f"{mean(paper, 'heldout_error_ratio'):.3f} → {mean(fast, 'heldout_error_ratio'):.3f}"])
+    for model, bits, paper, fast in paired_with_default(runs, MODELS + VARIANTS, {"scale_lr": 1.2e-4}):
+        used += paper + fast
+        counts.append(fast)
+        d = paired(paper, fast)
+        rows.append([f"`{model}`", f"W{bits}A{bits}", str(len(fast)), f"{mean(paper):.2f} → {mean(fast):.2f}",
+                     f"{signed(d[0])} ({d[1]:.2f})",
+                     f"{mean(paper, 'kl_to_fp'):.4f} → {mean(fast, 'kl_to_fp'):.4f}",
+                     f"{mean(paper, 'heldout_error_ratio'):.3f} → {mean(fast, 'heldout_error_ratio'):.3f}"])
     lines = table(["model", "bits", "seeds", "Top-1: 4e-5 → 1.2e-4", "Δ Top-1 (seed SE)", "KL to FP32",
                    "held-out module error after / before reconstruction"], rows,
                   ["---", "---", "---:", "---:", "---:", "---:", "---:"])
@@ -336,6 +343,24 @@ def step_size_table(runs: list[dict]) -> list[str]:
                               "Held-out module error: each module's output error on the 10 % of calibration images "
                               "no update sees, after reconstruction over before it; geometric mean over modules, "
                               "mean over seeds (lower is better).")]
+
+
+def compiled_table(runs: list[dict]) -> list[str]:
+    """Reconstruction with ``torch_compile`` against eager iterations, at 1,000 it/module, seed by seed."""
+    rows, used, counts = [], [], []
+    for model, bits, eager, compiled in paired_with_default(runs, MODELS, {"torch_compile": True}):
+        used += eager + compiled
+        counts.append(compiled)
+        d = paired(eager, compiled)
+        rows.append([f"`{model}`", f"W{bits}A{bits}", str(len(compiled)), cell(eager), cell(compiled),
+                     f"{signed(d[0])} ({d[1]:.2f})",
+                     f"{mean(eager, 'kl_to_fp'):.4f} → {mean(compiled, 'kl_to_fp'):.4f}"])
+    lines = table(["model", "bits", "seeds", "Top-1 eager", "Top-1 compiled", "Δ Top-1 (seed SE)", "KL to FP32"],
+                  rows, ["---", "---", "---:", "---:", "---:", "---:", "---:"])
+    return lines + ["", about(f"{ACC} --groups budget --bits 3 4 --budget-iters 1000 --seeds 0 1 2 --changes "
+                              "'{\"torch_compile\": true}' --tag compiled", used, seed_counts(counts),
+                              "Both at the library's default recipe (step sizes at 4e-5); compiled: every target's "
+                              "forward and backward through torch.compile (Inductor).")]
 
 
 def qkv_grid_table(runs: list[dict]) -> list[str]:
@@ -519,6 +544,7 @@ def blocks() -> dict[str, list[str]]:
         "ppoq": ppoq_table(runs),
         "bias_correction": bias_correction_table(runs),
         "qkv_grid": qkv_grid_table(runs),
+        "compiled": compiled_table(runs),
         "stress": stress_table(runs),
         "stress_budget": budget_table(runs, VARIANTS, "stress_budget"),
         "timing": timing_table(data),
@@ -536,7 +562,7 @@ RESULT_PAGES = {
         "step_size_rate": "Step-size rate at 1,000 iterations",
         "ablation": "Ablation", "ablation_no_bias_correction": "Ablation with `bias_correction: false`",
         "ppoq": "PPOQ on the outlier variants", "bias_correction": "Bias correction",
-        "qkv_grid": "q/k/v grid error", "stress": "Outlier variants", "stress_budget": "Outlier variants by budget",
+        "qkv_grid": "q/k/v grid error", "compiled": "Compiled iterations", "stress": "Outlier variants", "stress_budget": "Outlier variants by budget",
         "timing": "Calibration time and memory"}),
     "speed.md": ("Calibration speed at real sizes", {
         "calibration_time": "In one line", "speed_cpu": "CPU", "speed_gpu": "GPU", "cuda_graphs": "CUDA graphs"}),

@@ -214,15 +214,14 @@ class RuntimeOptions:
             float32.
         cuda_graphs: on one CUDA device (not under DDP), replay each module's reconstruction forward and backward
             from a CUDA graph. No effect on a CPU.
-        torch_compile: compile each reconstruction target's forward and backward with ``torch.compile``. None:
-            attention targets on a CPU at 500 or more iterations per module, where it pays; off on CUDA, where
-            ``cuda_graphs`` does the same job.
+        torch_compile: compile each reconstruction target's forward and backward with ``torch.compile``, fusing
+            its element-wise fake-quant work (not where ``cuda_graphs`` replays the iterations).
     """
 
     cache_device: Optional[str] = None
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     cuda_graphs: bool = True
-    torch_compile: Optional[bool] = None
+    torch_compile: bool = False
 
     def _check_runtime(self) -> None:
         _check_choices(self, {"cache_dtype": ("float32", "float16", "bfloat16")})

@@ -443,7 +443,8 @@ def device_name(r: dict) -> str:
     m = r.get("machine", {})
     if r.get("gpu"):
         return f"{r['gpu']} ({'CUDA graphs' if r.get('cuda_graphs') else 'eager'})"
-    return f"{m.get('cpu_count', '?')}-core {m.get('cpu_model', 'CPU')} ({r['threads']} threads)"
+    compiled = ", torch.compile" if r.get("torch_compile") else ""
+    return f"{m.get('cpu_count', '?')}-core {m.get('cpu_model', 'CPU')} ({r['threads']} threads{compiled})"
 
 
 def speed_table(data: dict, gpu: bool) -> list[str]:

@@ -105,7 +105,7 @@ def measure(spec: dict) -> dict:
     images = torch.randn(spec["num_calib"], 3, 224, 224, generator=torch.Generator().manual_seed(0))
     config = ADFQConfig(w_bits=4, a_bits=4, iters=spec["iters"], batch_size=spec["batch_size"],
                         init_samples=min(256, spec["num_calib"]), cache_device=spec["cache_device"],
-                        cuda_graphs=spec["cuda_graphs"], torch_compile=spec.get("torch_compile"))
+                        cuda_graphs=spec["cuda_graphs"], torch_compile=bool(spec.get("torch_compile")))
 
     def sync():
         if device.type == "cuda":
@@ -228,8 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch every kernel of an iteration eagerly on a GPU (ADFQConfig.cuda_graphs=False)")
-    p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
-                   help="compile reconstruction targets (ADFQConfig.torch_compile: auto = the library's choice)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="compile every reconstruction target (ADFQConfig.torch_compile=True)")
     p.add_argument("--check-graphs", action="store_true",
                    help="on a GPU: each reference model quantized with and without CUDA graphs, compared "
                         "(with --num-calib 256 --iters 40 --batch-size 32 unless given)")
@@ -252,8 +252,9 @@ def main(argv=None) -> int:
         spec = {"model": model, "device": args.device, "cache_device": args.cache_device,
                 "num_calib": args.num_calib, "batch_size": args.batch_size, "iters": args.iters,
                 "threads": args.threads, "cuda_graphs": args.cuda_graphs,
-                "torch_compile": {"auto": None, "on": True, "off": False}[args.torch_compile]}
-        if any(all(r.get(k) == v for k, v in spec.items()) for r in data["runs"]):
+                "torch_compile": args.torch_compile}
+        if any(all(r.get(k, False if k == "torch_compile" else None) == v for k, v in spec.items())
+               for r in data["runs"]):
             continue
         print(f"{model} on {args.device} ...", flush=True)
         done = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True,

@@ -18,18 +18,6 @@ from torch import nn
 from ..modules import AttentionScores
 from .cuda_graph import TargetCall
 
-#: ``torch_compile=None`` compiles attention targets on a CPU from this many iterations per module on: below it,
-#: the compilation (about half a minute the first time, on 2 cores) costs more than the fused iterations save.
-AUTO_MIN_ITERS = 500
-
-
-def compiles(setting: bool | None, device: torch.device, iters: int, graphs: bool) -> bool:
-    """Whether reconstruction compiles its targets: ``setting`` when given; else on a CPU from
-    :data:`AUTO_MIN_ITERS` iterations per module (on CUDA the graphs of :mod:`.cuda_graph` are used instead)."""
-    if setting is not None:
-        return setting and not graphs
-    return device.type == "cpu" and iters >= AUTO_MIN_ITERS
-
 
 class _WithScores(nn.Module):
     """The target returning its attention scores too: read inside the compiled code, not as a side effect."""
@@ -44,18 +32,14 @@ class _WithScores(nn.Module):
 
 
 class CompiledTargets:
-    """``get(module, kwargs)``: the compiled call of a reconstruction target, or None to run it eagerly.
+    """``get(module, kwargs)``: the compiled call of a reconstruction target, or None to run it eagerly."""
 
-    Chosen automatically, only attention targets are compiled: there the fused soft-max, log and rounding
-    kernels pay; an MLP's time is its matmuls.
-    """
-
-    def __init__(self, enabled: bool, attention_only: bool) -> None:
-        self.enabled, self.attention_only = enabled, attention_only
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
         self._compiled: dict[int, nn.Module] = {}
 
     def get(self, module: nn.Module, kwargs: dict) -> Optional[TargetCall]:
-        if not self.enabled or (self.attention_only and not isinstance(module, AttentionScores)):
+        if not self.enabled:
             return None
         compiled = self._compiled.get(id(module))
         if compiled is None:
@@ -69,5 +53,3 @@ class CompiledTargets:
         self.enabled = False
         self._compiled.clear()
 
-    def clear(self) -> None:
-        self._compiled.clear()

@@ -26,7 +26,7 @@ from ..quantizers import BestOfQuantizer, PerPatchOutlierQuantizer, calibrating,
 from .bias_correction import correct_biases
 from .cache import ActivationCache
 from .cross_rank import Shard, all_gather_cat, all_reduce_sum, sum_gradients, world
-from .compiled import CompiledTargets, compiles
+from .compiled import CompiledTargets
 from .cuda_graph import PhaseGraphs
 from .heldout import apply_safeguard, holdout_split, output_error
 from .learnable import (STEP_SIZE_GROUP, adaround_quantizers, freeze, harden, learnable_parameters, make_optimizer,
@@ -90,8 +90,7 @@ class Reconstructor:
         self._initial_state: dict[str, torch.Tensor] = {}  # the current stage's quantizers before reconstruction
         # under DDP a rank's share of the batch varies per iteration; a graph replays fixed shapes
         self.graphs = PhaseGraphs(config.cuda_graphs and self.device.type == "cuda" and world()[1] == 1)
-        self.compiled = CompiledTargets(compiles(config.torch_compile, self.device, config.iters, self.graphs.enabled),
-                                        attention_only=config.torch_compile is None)
+        self.compiled = CompiledTargets(config.torch_compile and not self.graphs.enabled)  # graphs win on CUDA
 
     # -- state ------------------------------------------------------------------------------------------------
     @property

@@ -8,23 +8,7 @@ import torch
 from adfq_lightning import ADFQConfig, prepare
 from adfq_lightning.reconstruction import Reconstructor
 from adfq_lightning.reconstruction import compiled
-from adfq_lightning.reconstruction.compiled import AUTO_MIN_ITERS, compiles
 from quantized_helpers import ASMO, reconstruct
-
-CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-
-
-@pytest.mark.parametrize("setting, device, iters, graphs, expected", [
-    (None, CPU, AUTO_MIN_ITERS, False, True),      # automatic: a CPU at the default run's budget
-    (None, CPU, AUTO_MIN_ITERS - 1, False, False),  # a short budget does not pay for the compilation
-    (None, CUDA, 3000, True, False),               # CUDA: the graphs do the job
-    (True, CPU, 10, False, True),
-    (True, CUDA, 3000, True, False),               # graphs win when both are asked for
-    (False, CPU, 3000, False, False),
-])
-def test_when_reconstruction_compiles(setting, device, iters, graphs, expected):
-    assert compiles(setting, device, iters, graphs) is expected
-
 
 @pytest.mark.slow
 def test_compiled_reconstruction_agrees_with_eager_and_keeps_the_attention_term(make_tiny, more_images):
@@ -63,5 +47,11 @@ def test_a_failed_compilation_warns_once_and_goes_on_eagerly(make_tiny, more_ima
         assert torch.equal(a, b)
 
 
-def test_config_takes_the_switch():
-    assert ADFQConfig().torch_compile is None and ADFQConfig(torch_compile=False).torch_compile is False
+def test_compilation_is_asked_for_and_leaves_a_cuda_graph_run_alone(make_tiny, more_images):
+    config = ASMO.replace(iters=2, batch_size=4)
+    assert ADFQConfig().torch_compile is False
+    on = Reconstructor(prepare(make_tiny("vit"), config), config.replace(torch_compile=True), more_images[:8],
+                       torch.arange(8), 8)
+    assert on.compiled.enabled and not on.graphs.enabled
+    off = Reconstructor(prepare(make_tiny("vit"), config), config, more_images[:8], torch.arange(8), 8)
+    assert not off.compiled.enabled

@@ -121,7 +121,7 @@ def run_one(spec: dict) -> dict:
     import torch
     from torchmetrics.classification import MulticlassAccuracy
 
-    from adfq_lightning import ADFQConfig, prepare
+    from adfq_lightning import ADFQConfig, BitBudget, allocate_bits, prepare
     from adfq_lightning.data import cifar10_eval_transform
     from adfq_lightning.reconstruction import Reconstructor
     from adfq_lightning.zoo import create_reference_model
@@ -148,6 +148,10 @@ def run_one(spec: dict) -> dict:
         reset_peak_rss()
         rss0 = proc_status_mb("VmRSS")
         t0 = time.perf_counter()
+        if config.bit_budget is not None:  # mixed precision: the widths first, then calibration as usual
+            allocated = allocate_bits(model.eval(), images, BitBudget(**config.bit_budget), config.replace(bit_budget=None))
+            config = config.replace(overrides={**config.overrides, **allocated}, bit_budget=None)
+            result["allocated"] = allocated
         prepare(model.eval(), config)
         engine = Reconstructor(model, config, images, torch.arange(len(images)), len(images))
         engine.run()

@@ -101,10 +101,6 @@ class Reconstructor:
     def current(self) -> Stage:
         return self.stages[self.stage]
 
-    @property
-    def stage_ready(self) -> bool:
-        return self._stage_ready
-
     def state_dict(self) -> dict:
         return {"stage": self.stage, "iteration": self.iteration, "stats": [s.stats for s in self.stages],
                 "initial_state": {k: v.cpu() for k, v in self._initial_state.items()}}

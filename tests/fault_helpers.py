@@ -26,18 +26,22 @@ class FaultAt(Callback):
       safeguard decides on);
     * ``step_end``: at the end of the training step after which the engine is at (``stage``, ``iteration``).
 
-    Just before, it writes ``marker`` (time and pid). It fires once: not again if ``marker`` exists.
+    Just before, it writes ``marker`` (time and pid). It fires once: not again if ``marker`` exists. With ``hold``
+    seconds, the other ranks stay busy that long at the same point, past a poll of Lightning's launcher.
     """
 
-    def __init__(self, point: str, rank: int, send: str, stage: int, iteration: int, marker: str) -> None:
+    def __init__(self, point: str, rank: int, send: str, stage: int, iteration: int, marker: str,
+                 hold: float = 0.0) -> None:
         self.point, self.rank, self.signum = point, rank, int(getattr(signal, send))
-        self.stage, self.iteration, self.marker = stage, iteration, Path(marker)
+        self.stage, self.iteration, self.marker, self.hold = stage, iteration, Path(marker), hold
         self.global_rank = None
         if point in ("caching", "iteration", "safeguard"):
             self._patch()
 
     def _fire(self) -> None:
-        if self.global_rank == self.rank and not self.marker.exists():
+        if self.global_rank != self.rank:
+            time.sleep(self.hold)
+        elif not self.marker.exists():
             self.marker.write_text(json.dumps({"time": time.time(), "pid": os.getpid()}))
             os.kill(os.getpid(), self.signum)
 

@@ -3,9 +3,12 @@ what to run next, and a bounded stop (rank 0 of Lightning's own launcher takes t
 
 from __future__ import annotations
 
+import logging
+import re
 import shlex
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -16,6 +19,8 @@ from .preemption import Preempted
 
 #: the Trainer of the running command, so that a failing rank 0 can stop the ranks its launcher started
 RUNNING: dict = {"trainer": None}
+#: the logger of Lightning's launcher, which logs a started rank's death just before it SIGKILLs every rank
+LAUNCHER_LOGGER = "lightning.fabric.strategies.launchers.subprocess_script"
 
 #: what torch's backends say when a peer's connection closed or a collective timed out
 _MARKERS = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting", "timed out",
@@ -75,6 +80,28 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["adfq-vit", *kept, "--ckpt_path", "last"])
 
 
+class _LauncherStopReport(logging.Handler):
+    """Lightning's launcher polls the ranks it started every few seconds; when one has died, it logs so and SIGKILLs
+    every rank, rank 0 included, which can come before rank 0 reaches a collective and reports the failure itself.
+    This prints the same one-line report, with the resume command, before that kill."""
+
+    def __init__(self, argv: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.argv = argv
+        self.reported = threading.Lock()  # one report of a failure between ranks, whichever thread notices first
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r"\[rank: (\d+)\].*terminated with code (-?\d+)", record.getMessage())
+        if found is None or not self.reported.acquire(blocking=False):
+            return
+        rank, code = found.groups()
+        sys.stderr.write(f"adfq-vit: error: rank {rank} of {world()[1]} exited with code {code} (it died or was "
+                         "killed); Lightning's launcher now stops every rank with SIGKILL (exit status 137). The "
+                         f"calibration stopped; the checkpoints written before are complete. Resume with: "
+                         f"{resume_command(self.argv)}\n")
+        sys.stderr.flush()
+
+
 def _stop_started_ranks() -> None:
     trainer = RUNNING["trainer"]
     launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
@@ -93,6 +120,9 @@ def stop_after_failure(argv: list[str], command_line: bool) -> Iterator[None]:
     """Around the CLI: a failure between ranks becomes a :class:`RankFailure` naming its cause and the resume
     command (one line on the command line); a preemption prints where the checkpoint is and exits with
     ``128 + signal`` (as a process stopped by that signal) after the ranks left the process group together."""
+    report = _LauncherStopReport(argv)
+    if command_line:
+        logging.getLogger(LAUNCHER_LOGGER).addHandler(report)
     try:
         yield
     except Preempted as stop:
@@ -112,6 +142,10 @@ def stop_after_failure(argv: list[str], command_line: bool) -> Iterator[None]:
         cause = rank_failure(err)
         if cause is None:
             raise
+        if command_line and not report.reported.acquire(blocking=False):  # the launcher reported; its kill follows
+            raise SystemExit(1) from None
         _stop_started_ranks()
         raise RankFailure(f"{cause}. The calibration stopped; the checkpoints written before are complete. Resume "
                           f"with: {resume_command(argv)}") from err
+    finally:
+        logging.getLogger(LAUNCHER_LOGGER).removeHandler(report)

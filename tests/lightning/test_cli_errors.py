@@ -120,3 +120,25 @@ def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path):
                           text=True, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "adfq-vit: error: w_bits=9 is not supported: use an integer from 2 to 8." in done.stderr
+
+
+def test_a_rank_lightnings_launcher_found_dead_is_reported_once_with_the_resume_command(capsys):
+    """Lightning's launcher logs a started rank's death, then SIGKILLs every rank: the report comes first, once,
+    even when rank 0 also reaches the failed collective before the kill."""
+    import logging
+
+    from adfq_lightning.lightning.faults import LAUNCHER_LOGGER, stop_after_failure
+
+    launcher_log = logging.getLogger(LAUNCHER_LOGGER)
+    handlers_before = list(launcher_log.handlers)
+    with pytest.raises(SystemExit) as exit_:
+        with stop_after_failure(["fit", "--config", "c.yaml"], command_line=True):
+            launcher_log.info("[rank: 1] Child process with PID 7 terminated with code -9. Forcefully terminating "
+                              "all other processes to avoid zombies")
+            raise RuntimeError("Connection closed by peer")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("adfq-vit: error: rank 1 of 1 exited with code -9 (it died or was killed)")
+    assert err[0].endswith("Resume with: adfq-vit fit --config c.yaml --ckpt_path last")
+    assert launcher_log.handlers == handlers_before

@@ -49,10 +49,11 @@ def config(root: Path, devices: int, *extra_callbacks: dict) -> str:
     return str(path)
 
 
-def fault(root: Path, point: str, send: str, stage: int = 1, iteration: int = 1, rank: int = 1) -> dict:
+def fault(root: Path, point: str, send: str, stage: int = 1, iteration: int = 1, rank: int = 1,
+          hold: float = 0.0) -> dict:
     return {"class_path": "fault_helpers.FaultAt",
             "init_args": {"point": point, "rank": rank, "send": send, "stage": stage, "iteration": iteration,
-                          "marker": str(root / "fault.json")}}
+                          "marker": str(root / "fault.json"), "hold": hold}}
 
 
 def _gone(pid: int) -> bool:
@@ -62,8 +63,11 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def launch(cmd: list[str], log: Path, env: dict | None = None, expect_rc: int | None = 0) -> tuple[int, float]:
-    """Run ``cmd`` (rank 0; Lightning's launcher starts the other rank) to its end; (exit code, end time)."""
+def launch(cmd: list[str], log: Path, env: dict | None = None,
+           expect_rc: int | tuple | None = 0) -> tuple[int, float]:
+    """Run ``cmd`` (rank 0; Lightning's launcher starts the other rank) to its end; (exit code, end time). The exit
+    code must be ``expect_rc`` (one of them, a tuple)."""
+    expected = expect_rc if isinstance(expect_rc, tuple) else (expect_rc,)
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, env=env or _ddp_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -77,7 +81,7 @@ def launch(cmd: list[str], log: Path, env: dict | None = None, expect_rc: int | 
         except ProcessLookupError:
             pass
         proc.wait()
-    if rc is None or (expect_rc is not None and rc != expect_rc):
+    if rc is None or (expect_rc is not None and rc not in expected):
         pytest.fail(f"{' '.join(cmd[2:6])}... rc={rc}, expected {expect_rc}:\n" + log.read_text(errors="replace")[-5000:])
     return rc, ended
 
@@ -111,23 +115,33 @@ def _log_fault(row: str, seconds: float) -> None:
 
 
 # -- a rank that dies or hangs ---------------------------------------------------------------------------------
+#: how rank 0 ends when rank 1 dies: it reaches a collective first (1, its own report), or Lightning's launcher,
+#: polling the rank it started every 5 s, finds it dead first and SIGKILLs rank 0 after the library's report (-9)
+DEAD_RANK_EXITS = {1: "its connection closed",
+                   -signal.SIGKILL: "rank 1 of 2 exited with code -9 (it died or was killed)"}
+
+
+def assert_one_report(log_path: Path, rc: int, expected: str) -> None:
+    log = log_path.read_text(errors="replace")
+    errors = [line for line in log.splitlines() if line.startswith("adfq-vit: error:")]
+    assert len(errors) == 1, log[-3000:]
+    assert "--ckpt_path last" in errors[0]
+    assert expected in errors[0], (rc, errors[0])
+    assert "Traceback" not in log
+
+
 @pytest.mark.parametrize("point", ["caching", "iteration", "safeguard"])
 @pytest.mark.parametrize("send", ["SIGKILL", "SIGSTOP"], ids=["dead_rank", "hung_rank"])
 def test_dead_or_hung_rank_stops_the_others_in_bounded_time(reference, tmp_path, send, point):
     rc, ended = launch(CLI + ["--config", config(tmp_path, 2, fault(tmp_path, point, send))], tmp_path / "log.txt",
-                       expect_rc=1)
+                       expect_rc=tuple(DEAD_RANK_EXITS) if send == "SIGKILL" else 1)
     marker = json.loads((tmp_path / "fault.json").read_text())
     assert _gone(marker["pid"])  # rank 0 took the rank it started down with it (a stopped one too)
     stopped_after = ended - marker["time"]
     _log_fault(f"{send} rank 1 at {point}", stopped_after)
     assert stopped_after < (15 if send == "SIGKILL" else TIMEOUT_S + 30)
-    log = (tmp_path / "log.txt").read_text(errors="replace")
-    errors = [line for line in log.splitlines() if line.startswith("adfq-vit: error:")]
-    assert len(errors) == 1, log[-3000:]
-    assert "--ckpt_path last" in errors[0]
-    expected = "timed out: another rank stopped answering" if send == "SIGSTOP" else "its connection closed"
-    assert expected in errors[0], errors[0]
-    assert "Traceback" not in log
+    assert_one_report(tmp_path / "log.txt", rc, DEAD_RANK_EXITS[rc] if send == "SIGKILL" else
+                      "timed out: another rank stopped answering")
     # the last checkpoint is complete and holds the engine's state from before the fault
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
     # the step before the fault: the last one of module 0, the first of module 1, the last of module 1
@@ -136,6 +150,19 @@ def test_dead_or_hung_rank_stops_the_others_in_bounded_time(reference, tmp_path,
     if point == "iteration":  # resume on the 2 ranks: the uninterrupted result
         launch(CLI + ["--config", config(tmp_path, 2), "--ckpt_path", "last"], tmp_path / "resume.txt")
         assert_state_dicts_match(reference, final_state(tmp_path), RTOL)
+
+
+def test_dead_rank_found_by_lightnings_launcher_first_is_reported_before_its_kill(tmp_path):
+    """Rank 0 busy for 8 s (past the launcher's 5 s poll) when rank 1 dies: the launcher SIGKILLs rank 0, and the
+    one report with the resume command is printed before; the checkpoint is complete."""
+    rc, ended = launch(CLI + ["--config", config(tmp_path, 2, fault(tmp_path, "iteration", "SIGKILL", hold=8.0))],
+                       tmp_path / "log.txt", expect_rc=-signal.SIGKILL)
+    marker = json.loads((tmp_path / "fault.json").read_text())
+    _log_fault("SIGKILL rank 1 before an iteration, rank 0 busy 8 s", ended - marker["time"])
+    assert ended - marker["time"] < 8
+    assert_one_report(tmp_path / "log.txt", rc, DEAD_RANK_EXITS[rc])
+    assert engine_at(tmp_path / "ckpt" / "last.ckpt") == (1, 1)
+    assert_nothing_partial(tmp_path)
 
 
 @pytest.mark.parametrize("ckpt_path", ["last", "file"])

@@ -152,6 +152,7 @@ def run_one(spec: dict) -> dict:
             allocated = allocate_bits(model.eval(), images, BitBudget(**config.bit_budget), config.replace(bit_budget=None))
             config = config.replace(overrides={**config.overrides, **allocated}, bit_budget=None)
             result["allocated"] = allocated
+            result["allocation_seconds"] = time.perf_counter() - t0
         prepare(model.eval(), config)
         engine = Reconstructor(model, config, images, torch.arange(len(images)), len(images))
         engine.run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ..config import ADFQConfig
@@ -15,7 +16,9 @@ from .sensitivity import measure, units_of
 from .solver import choose_widths
 
 #: images on which each layer's cost is measured (held out of the calibration that initialises the quantizers)
-MAX_SENSITIVITY_IMAGES = 128
+MAX_SENSITIVITY_IMAGES = 64
+#: images that initialise the quantizers of each candidate width for that measurement
+MAX_INIT_IMAGES = 128
 
 
 def allocate_bits(model: nn.Module, calib_data: CalibData, budget: BitBudget, config: Optional[ADFQConfig] = None,
@@ -40,10 +43,12 @@ def allocate_bits(model: nn.Module, calib_data: CalibData, budget: BitBudget, co
         raise ValueError("allocate_bits needs at least 2 calibration images: some calibrate, some measure the cost.")
     held_ids, calib_ids = holdout_split(len(images), 0.25, config.seed)
     held = images[held_ids[:MAX_SENSITIVITY_IMAGES]]
+    pick = torch.randperm(len(calib_ids), generator=torch.Generator().manual_seed(config.seed))[:MAX_INIT_IMAGES]
+    init = images[calib_ids[pick.sort().values]]
     units = units_of(_converted_copy(model, config), config, images[:1])
     if not units:
         raise ValueError("no layer is left to allocate: config.overrides fixes every quantized module.")
-    measure(model, images[calib_ids], held, units, budget.candidates, config)
+    measure(model, init, held, units, budget.candidates, config)
     widths = budget.candidates
     groups = [0 if u.kind == "w" else 1 for u in units]
     totals = [sum(u.size for u in units if u.kind == kind) for kind in ("w", "a")]

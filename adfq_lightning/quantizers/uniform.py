@@ -20,6 +20,21 @@ MSE_SHRINK = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 REFERENCE_PERCENTILES = (0.999, 0.9999, 0.99999)
 
 
+def order_statistics(g: torch.Tensor, positions: set[int]) -> dict[int, torch.Tensor]:
+    """The values at ``positions`` of each row of ``g`` sorted ascending (what ``kthvalue`` returns), taken from the
+    two tails with ``topk``: percentile candidates only read the tails, and this is several times faster than a
+    sort of the whole row."""
+    n = g.shape[1]
+    k_lo = max((p + 1 for p in positions if p < n // 2), default=0)
+    k_hi = max((n - p for p in positions if p >= n // 2), default=0)
+    if k_lo + k_hi >= n:
+        ordered = g.sort(dim=1).values
+        return {p: ordered[:, p] for p in positions}
+    low = g.topk(k_lo, dim=1, largest=False).values if k_lo else None
+    high = g.topk(k_hi, dim=1).values if k_hi else None
+    return {p: low[:, p] if p < n // 2 else high[:, n - 1 - p] for p in positions}
+
+
 class UniformQuantizer(Quantizer):
     """Asymmetric uniform quantizer with a learnable step size (LSQ-style straight-through gradient).
 
@@ -80,18 +95,13 @@ class UniformQuantizer(Quantizer):
         lo, hi = g.amin(dim=1), g.amax(dim=1)
         if self.search == "minmax":
             return [(lo, hi)]
-        ordered = g.sort(dim=1).values  # one sort serves every percentile (what kthvalue would return)
-
-        def pct(q: float) -> tuple[torch.Tensor, torch.Tensor]:
-            n = g.shape[1]
-            at = lambda p: min(max(int(round(p * (n - 1))), 0), n - 1)  # noqa: E731 (as base.quantile)
-            return ordered[:, at(1 - q)], ordered[:, at(q)]
-
-        if self.search == "percentile":
-            return [pct(self.percentile)]
-        if self.search == "percentile_mse":
-            return [pct(q) for q in REFERENCE_PERCENTILES]
-        return [pct(q) for q in MSE_PERCENTILES] + [(lo * a, hi * a) for a in MSE_SHRINK]
+        qs = {"percentile": (self.percentile,), "percentile_mse": REFERENCE_PERCENTILES}.get(self.search,
+                                                                                        MSE_PERCENTILES)
+        n = g.shape[1]
+        at = lambda p: min(max(int(round(p * (n - 1))), 0), n - 1)  # noqa: E731 (as base.quantile)
+        value = order_statistics(g, {at(p) for q in qs for p in (q, 1 - q)})
+        bounds = [(value[at(1 - q)], value[at(q)]) for q in qs]
+        return bounds if self.search != "mse" else bounds + [(lo * a, hi * a) for a in MSE_SHRINK]
 
     def init_from(self, x: torch.Tensor) -> None:
         g, shape = self._groups(x)

@@ -526,3 +526,19 @@ def test_calibrating_skips_disabled_and_weight_quantizers():
         assert act._calibrate_next and not off._calibrate_next and not weight._calibrate_next
     assert not act._calibrate_next
 
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (2, 7), (4, 1000), (1, 20000)])
+def test_order_statistics_equal_a_full_sort(shape):
+    """The tails read by topk are the sorted row's values at every percentile position, ties included."""
+    from adfq_lightning.quantizers.uniform import MSE_PERCENTILES, order_statistics
+
+    torch.manual_seed(0)
+    g = torch.randn(shape).round(decimals=1)  # many ties
+    n = shape[1]
+    positions = {min(max(int(round(p * (n - 1))), 0), n - 1) for q in MSE_PERCENTILES for p in (q, 1 - q)}
+    ordered = g.sort(dim=1).values
+    values = order_statistics(g, positions)
+    assert set(values) == positions
+    for p in positions:
+        assert torch.equal(values[p], ordered[:, p]), p

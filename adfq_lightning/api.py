@@ -14,7 +14,7 @@ from .data.calibration import CalibData, collect_images, record_inputs
 from .modules import calibrate_weights, convert, is_calibrated, is_converted
 from .quantizers import set_quantization
 from .reconstruction import Reconstructor, check_supported
-from .reconstruction.cross_rank import world
+from .reconstruction.cross_rank import broadcast_object, world
 from .recipe import attach_config, display_name
 from .quantization_report import build_report, summarize
 
@@ -52,10 +52,10 @@ def prepare(model: nn.Module, config: ADFQConfig) -> nn.Module:
     (:func:`~adfq_lightning.recipe.model_recipe`): what :func:`~adfq_lightning.export.export_quantized` writes.
     """
     if config.bit_budget is not None:
-        raise ValueError("bit_budget needs calibration images to allocate widths, which quantize() has and this path "
-                         "does not: allocate first, overrides = adfq_lightning.allocate_bits(model, images, "
-                         "BitBudget(...), config), then use config.replace(overrides={**config.overrides, "
-                         "**overrides}) here (in YAML: model.config.overrides).")
+        raise ValueError("bit_budget needs calibration images to allocate widths, which quantize(), ADFQModule and "
+                         "ADFQCallback have and prepare() does not: allocate first, overrides = adfq_lightning."
+                         "allocate_bits(model, images, BitBudget(...), config), then prepare with config.replace("
+                         "bit_budget=None, overrides={**config.overrides, **overrides}).")
     check_supported(model)
     if not is_converted(model):
         _check_weights(model)
@@ -65,6 +65,16 @@ def prepare(model: nn.Module, config: ADFQConfig) -> nn.Module:
         attach_config(model, config)
     calibrate_weights(model)
     return model
+
+
+def allocated_config(model: nn.Module, images: torch.Tensor, config: ADFQConfig) -> tuple[ADFQConfig, dict]:
+    """``config`` with the widths :func:`allocate_bits` chose under its ``bit_budget`` as ``overrides`` (the
+    budget itself dropped), and the allocation's report. Under a process group every rank measures on its own
+    images and takes rank 0's choice, so that all quantize alike."""
+    plain = config.replace(bit_budget=None)
+    allocated, allocation = broadcast_object(allocate_bits(model, images, BitBudget(**config.bit_budget), plain,
+                                                           report=True), "broadcast of rank 0's bit allocation")
+    return plain.replace(overrides={**plain.overrides, **allocated}), allocation
 
 
 def _check_weights(model: nn.Module) -> None:
@@ -127,13 +137,13 @@ def quantize(
         sample_ids = torch.arange(images.shape[0])
     num_samples = int(num_samples if num_samples is not None else images.shape[0])
     model.eval()
+    allocation = None
     if config.bit_budget is not None:
-        allocated = allocate_bits(model, images, BitBudget(**config.bit_budget), config.replace(bit_budget=None))
-        config = config.replace(overrides={**config.overrides, **allocated}, bit_budget=None)
+        config, allocation = allocated_config(model, images, config)
     prepare(model, config)
     engine = Reconstructor(model, config, images, sample_ids, num_samples)
     engine.run(log=log)
-    result = build_report(config, engine.stages, display_name(model), world()[1])
+    result = build_report(config, engine.stages, display_name(model), world()[1], allocation=allocation)
     if verbose and world()[0] == 0:
         print(summarize(result, "returned by quantize(..., report=True)" if report else
                         "quantize(..., report=True) returns it"))

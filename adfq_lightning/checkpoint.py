@@ -32,8 +32,17 @@ RECIPE_FIELDS = ("w_bits", "a_bits", "overrides", "method", "ppoq", "qkv_outlier
 
 def recipe_differences(saved: ADFQConfig, asked: ADFQConfig) -> list[str]:
     """What differs between two recipes in the fields that decide which quantizers a model holds."""
-    return [f"{f}={getattr(saved, f)!r} in the file, {getattr(asked, f)!r} asked"
-            for f in RECIPE_FIELDS if getattr(saved, f) != getattr(asked, f)]
+    found = []
+    for f in RECIPE_FIELDS:
+        a, b = getattr(saved, f), getattr(asked, f)
+        if a == b:
+            continue
+        if f == "overrides":  # only the entries that differ (an allocation names every layer)
+            found += [f"overrides[{k!r}]={a.get(k)!r} in the file, {b.get(k)!r} asked"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        else:
+            found.append(f"{f}={a!r} in the file, {b!r} asked")
+    return found
 
 
 def _quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:

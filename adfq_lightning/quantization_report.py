@@ -42,9 +42,10 @@ def _overview(modules: list[dict]) -> dict:
 
 
 def build_report(config: ADFQConfig, stages: list, model_name: str, world_size: int = 1,
-                 evaluation: Optional[dict] = None) -> dict:
+                 evaluation: Optional[dict] = None, allocation: Optional[dict] = None) -> dict:
     """Everything needed to reproduce and judge a run: config, versions, seeds, an overview, per-module results
-    (held-out error before/after reconstruction, soft error, undecided rounding, reverted...) and accuracy."""
+    (held-out error before/after reconstruction, soft error, undecided rounding, reverted...), accuracy, and
+    under a bit budget the allocation (``allocate_bits(..., report=True)``)."""
     global_seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything / LightningCLI
     modules = [{"name": s.name, **s.stats} for s in stages]
     return {
@@ -56,6 +57,7 @@ def build_report(config: ADFQConfig, stages: list, model_name: str, world_size: 
         "overview": _overview(modules),
         "modules": modules,
         "evaluation": evaluation or {},
+        **({"allocation": allocation} if allocation else {}),
     }
 
 
@@ -64,8 +66,17 @@ def summarize(report: dict, where: str) -> str:
     ``where`` the full report is."""
     overview, config = report["overview"], report["config"]
     iters = f"{config['iters']} it/module" if config["reconstruct"] else "no reconstruction"
-    lines = [f"ADFQ W{config['w_bits']}A{config['a_bits']} {report['model']}: {overview['modules']} modules "
-             f"quantized in {overview['seconds']:.1f} s ({iters})."]
+    allocation = report.get("allocation")
+    widths = f"W{config['w_bits']}A{config['a_bits']}"
+    if allocation:
+        widths = "mixed " + " ".join(f"{k[0].upper()}{v:.2f}" for k, v in allocation["reached"].items() if v)
+    lines = [f"ADFQ {widths} {report['model']}: {overview['modules']} modules quantized in "
+             f"{overview['seconds']:.1f} s ({iters})."]
+    if allocation:
+        budget = " ".join(f"{k[0].upper()}{v:g}" for k, v in allocation["budget"].items() if k != "candidates" and v)
+        lines.append(f"  Widths allocated under a budget of {budget or 'no average'} (candidates "
+                     f"{', '.join(map(str, allocation['budget']['candidates']))}) in {allocation['seconds']:.1f} s; "
+                     "each layer's width and measured cost are under 'allocation' in the report.")
     reverted = overview["reverted"]
     if reverted:
         names = ", ".join(reverted[:5]) + (", ..." if len(reverted) > 5 else "")

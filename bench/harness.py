@@ -206,6 +206,19 @@ def save_results(path: Path, data: dict) -> None:
     atomic_write(path, text.encode())
 
 
+def add_result(path: Path, result: dict) -> dict:
+    """Add one run to the results file and return its data, re-read under a lock: two benchmark commands may
+    write the same file."""
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load_results(path)
+        data["runs"].append(result)
+        save_results(path, data)
+    return data
+
+
 def merge_results(data: dict, others: list[dict]) -> int:
     """Add to ``data`` the runs of ``others`` it lacks (made on other machines); return how many."""
     done = {spec_key(r) for r in data["runs"]}
@@ -277,8 +290,7 @@ def run_specs(specs: list[dict], path: Path, jobs: int = 1, timeout: Optional[fl
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 print(f"[{n}/{len(todo)}] FAILED {label}: {err}", file=sys.stderr, flush=True)
                 continue
-            data["runs"].append(result)
-            save_results(path, data)
+            data = add_result(path, result)
             print(f"[{n}/{len(todo)}] {label}: top1 {result['top1']:.2f} calib {result['calib_seconds']:.0f} s "
                   f"[{(time.perf_counter() - started) / 60:.1f} min]", flush=True)
             if on_result is not None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
+import time
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -22,7 +23,8 @@ MAX_INIT_IMAGES = 128
 
 
 def allocate_bits(model: nn.Module, calib_data: CalibData, budget: BitBudget, config: Optional[ADFQConfig] = None,
-                  *, num_calib: Optional[int] = None) -> dict[str, dict[str, int]]:
+                  *, num_calib: Optional[int] = None, report: bool = False
+                  ) -> Union[dict[str, dict[str, int]], tuple[dict[str, dict[str, int]], dict]]:
     """The width of every allocated layer's weights and activations that costs least while the averages stay within
     ``budget``, as ``{module name: {"w_bits": .., "a_bits": ..}}`` (attention modules: ``a_bits`` of their q, k, v
     and probabilities).
@@ -34,7 +36,12 @@ def allocate_bits(model: nn.Module, calib_data: CalibData, budget: BitBudget, co
     Cost of a layer at a width: KL of the logits to the float model's on held-out calibration images with that layer
     alone quantized (ADFQ's quantizers, initialised on the other images). The choice is exact for the sum of these
     costs (an integer program, :func:`~adfq_lightning.allocation.choose_widths`).
+
+    With ``report=True`` it returns ``(overrides, report)``: the budget, the averages reached, every layer's
+    chosen width and measured costs, and the seconds it took (what ``adfq_report.json`` keeps under
+    ``allocation``).
     """
+    started = time.perf_counter()
     if not isinstance(budget, BitBudget):
         raise TypeError(f"budget must be a BitBudget, e.g. BitBudget(w_bits=3.5, a_bits=3.5), not {type(budget).__name__}.")
     config = config or ADFQConfig()
@@ -58,7 +65,17 @@ def allocate_bits(model: nn.Module, calib_data: CalibData, budget: BitBudget, co
     overrides: dict[str, dict[str, int]] = {}
     for unit, k in zip(units, chosen):
         overrides.setdefault(unit.name, {})[f"{unit.kind}_bits"] = widths[k]
-    return overrides
+    if not report:
+        return overrides
+    reached = {f"{kind}_bits": (sum(u.size * widths[k] for u, k in zip(units, chosen) if u.kind == kind) / total
+                                if total else None) for kind, total in zip(("w", "a"), totals)}
+    return overrides, {
+        "budget": {"w_bits": budget.w_bits, "a_bits": budget.a_bits, "candidates": list(widths)},
+        "reached": reached,
+        "layers": [{"name": u.name, "kind": "weights" if u.kind == "w" else "activations", "size": u.size,
+                    "bits": widths[k], "kl": {str(b): u.kl[b] for b in widths}} for u, k in zip(units, chosen)],
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def _converted_copy(model: nn.Module, config: ADFQConfig) -> nn.Module:

@@ -91,7 +91,7 @@ class ADFQCallback(Callback):
             raise ValueError("this Trainer has more than one ADFQCallback: a model is quantized once, keep one.")
         model = find_vit(pl_module, self.model_attr)
         if not (is_converted(model) and is_calibrated(model)):
-            self.driver.prepare(model)
+            self.driver.prepare(model, trainer, self.calib_dataloader, self.num_calib)
         recipe = model_recipe(model)
         prefix = next(name for name, m in pl_module.named_modules() if m is model)
         self._model = {"architecture": recipe.architecture if recipe else None,

@@ -10,15 +10,16 @@ from tqdm.auto import tqdm
 import lightning.pytorch as pl
 from torch import nn
 
-from ..api import prepare
+from ..api import allocated_config, prepare
 from ..checkpoint import recipe_differences
 from ..config import ADFQConfig
+from ..data.calibration import collect_images
 from ..quantizers import Quantizer
 from ..reconstruction import Reconstructor, Stage
 from ..reconstruction.cross_rank import bound_collectives
 from ..quantization_report import summarize
 from .run_report import write_run_report
-from .sharding import calibration_shard
+from .sharding import calibration_loader, calibration_shard
 
 
 class ReconstructionDriver:
@@ -32,17 +33,34 @@ class ReconstructionDriver:
         self.collective_timeout = collective_timeout
         self.engine: Optional[Reconstructor] = None
         self.resume_state: Optional[dict] = None  # an engine state restored from a checkpoint, loaded at start
+        self.allocation: Optional[dict] = None  # what allocate_bits chose under config.bit_budget, for the report
 
     @property
     def stages(self) -> list[Stage]:
         return self.engine.stages if self.engine is not None else []
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, trainer: Optional[pl.Trainer] = None, loader: Optional[Any] = None,
+                limit: Optional[int] = None) -> None:
         """Swap in the quantized modules before a strategy wraps the model and optimizers are built.
 
-        Quantizer parameters start frozen, so DistributedDataParallel registers none of them: their shapes are
-        only known at calibration, and reconstruction sums their gradients over ranks itself.
+        Under a ``bit_budget`` the widths are allocated first, on the calibration images (``loader``, else the
+        datamodule's) on the device the run uses; from then on :attr:`config` holds them as ``overrides``, which is
+        what checkpoints and the report keep. Quantizer parameters start frozen, so DistributedDataParallel
+        registers none of them: their shapes are only known at calibration, and reconstruction sums their
+        gradients over ranks itself.
         """
+        if self.config.bit_budget is not None:
+            bound_collectives(self.collective_timeout)  # every rank gets here, in the same order
+            device = trainer.strategy.root_device
+            images = collect_images(calibration_loader(trainer, loader), limit=limit).to(device)
+            self.config, self.allocation = allocated_config(model.to(device), images, self.config)
+            reached = {k: v for k, v in self.allocation["reached"].items() if v is not None}
+            for logger in trainer.loggers:
+                logger.log_metrics({f"allocation/{k}": v for k, v in reached.items()}, step=0)
+            if trainer.is_global_zero:
+                tqdm.write(f"bit allocation: {len(self.allocation['layers'])} widths chosen in "
+                           f"{self.allocation['seconds']:.0f} s, averages " +
+                           ", ".join(f"{k} {v:.2f}" for k, v in reached.items()))
         prepare(model, self.config)
         for q in model.modules():
             if isinstance(q, Quantizer):
@@ -59,6 +77,12 @@ class ReconstructionDriver:
         if self.resume_state is not None:
             self.engine.load_state_dict(self.resume_state)
         return self.engine
+
+    def adopt_allocation(self, saved: Optional[dict]) -> None:
+        """A run that only evaluates a checkpoint takes the widths that checkpoint's fit allocated under the same
+        ``bit_budget`` (it holds them as ``overrides``) rather than allocating again."""
+        if self.config.bit_budget is not None and saved and saved.get("bit_budget") is None:
+            self.config = self.config.replace(bit_budget=None, overrides=ADFQConfig(**saved).overrides)
 
     def check_recipe(self, saved: Optional[dict], fix: str) -> None:
         """Refuse a checkpoint quantized with another recipe: its quantizers would not fit this config's."""
@@ -81,11 +105,11 @@ class ReconstructionDriver:
     def write_report(self, trainer: pl.Trainer, model_name: str, evaluation: Optional[dict] = None):
         """Rank 0 writes ``adfq_report.json`` and returns its path; every rank must call this (``trainer.log_dir``
         is a broadcast)."""
-        return write_run_report(trainer, self.config, self.stages, model_name, evaluation)[0]
+        return write_run_report(trainer, self.config, self.stages, model_name, evaluation, self.allocation)[0]
 
     def finish(self, trainer: pl.Trainer, model_name: str, evaluation: Optional[dict] = None) -> None:
         """Write the report and, on rank 0, print its summary; every rank must call this."""
-        path, report = write_run_report(trainer, self.config, self.stages, model_name, evaluation)
+        path, report = write_run_report(trainer, self.config, self.stages, model_name, evaluation, self.allocation)
         if path is not None and report["modules"]:
             tqdm.write(summarize(report, str(path)))
 

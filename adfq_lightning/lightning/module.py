@@ -59,12 +59,12 @@ class ADFQModule(pl.LightningModule):
                  iters_per_step: int = 10, collective_timeout: Optional[float] = 120.0) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.config = ADFQConfig(**config) if isinstance(config, dict) else (config or ADFQConfig())
+        config = ADFQConfig(**config) if isinstance(config, dict) else (config or ADFQConfig())
         if iters_per_step < 1:
             raise ValueError(f"iters_per_step={iters_per_step!r} must be a positive integer.")
         # the recipe as plain types (the checkpoint loads with weights_only, loggers show the bit widths)
         self.save_hyperparameters({"model": model, "pretrained": pretrained, "checkpoint_path": checkpoint_path,
-                                   "model_kwargs": model_kwargs, "config": self.config.to_dict(),
+                                   "model_kwargs": model_kwargs, "config": config.to_dict(),
                                    "iters_per_step": iters_per_step, "collective_timeout": collective_timeout})
         self.model = create_model(model, pretrained=pretrained, checkpoint_path=checkpoint_path, **(model_kwargs or {}))
         classes = self.model.num_classes
@@ -72,7 +72,7 @@ class ADFQModule(pl.LightningModule):
         self.top5 = MulticlassAccuracy(classes, top_k=min(5, classes), average="micro")
         # logged as torchmetrics objects, so Lightning knows they are global under DDP and resets them each epoch
         self.top1_percent, self.top5_percent = self.top1 * 100, self.top5 * 100
-        self.driver = ReconstructionDriver(self.config, collective_timeout)
+        self.driver = ReconstructionDriver(config, collective_timeout)
         self.preemption = PreemptionHandler()
         self.eval_tag = "quant"
         self.evaluation: dict[str, dict[str, float]] = {}
@@ -91,13 +91,21 @@ class ADFQModule(pl.LightningModule):
         return config
 
     @property
+    def config(self) -> ADFQConfig:
+        """The recipe; under a ``bit_budget``, once ``fit`` allocated the widths, with them as ``overrides``."""
+        return self.driver.config
+
+    @property
     def engine(self) -> Optional[Reconstructor]:
         """The reconstruction engine of the running (or finished) ``fit``; None before it."""
         return self.driver.engine
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
-        self.driver.prepare(self.model)
+        if self.config.bit_budget is not None and stage != "fit":
+            return  # evaluating: the checkpoint brings the widths fit allocated (on_load_checkpoint)
+        self.driver.prepare(self.model, self.trainer)
+        self.hparams["config"] = self.config.to_dict()  # checkpoints and hparams.yaml keep the allocated widths
 
     def configure_optimizers(self):
         return make_optimizer(self.model, self.config)
@@ -159,8 +167,10 @@ class ADFQModule(pl.LightningModule):
             checkpoint["adfq_engine"] = self.engine.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.driver.check_recipe(checkpoint.get("hyper_parameters", {}).get("config"),
-                                 "Evaluate it with the config it was made with (its hparams.yaml), or run fit again.")
+        saved = checkpoint.get("hyper_parameters", {}).get("config")
+        self.driver.adopt_allocation(saved)
+        self.driver.check_recipe(saved, "Evaluate it with the config it was made with (its hparams.yaml), or run fit "
+                                 "again.")
         prepare(self.model, self.config)  # load_from_checkpoint builds a float model: swap modules first
         self.driver.resume_state = checkpoint.get("adfq_engine")
 

@@ -22,15 +22,15 @@ def write_report(report: dict, log_dir: Union[str, Path]) -> Path:
     return path
 
 
-def write_run_report(trainer, config: ADFQConfig, stages: list, model_name: str,
-                     evaluation: Optional[dict] = None) -> tuple[Optional[Path], dict]:
+def write_run_report(trainer, config: ADFQConfig, stages: list, model_name: str, evaluation: Optional[dict] = None,
+                     allocation: Optional[dict] = None) -> tuple[Optional[Path], dict]:
     """Write a Trainer run's report into its log directory from global rank 0; returns (its path, None on other
     ranks; the report).
 
     Every rank must call it: ``trainer.log_dir`` is a broadcast under DDP.
     """
     log_dir = trainer.log_dir or trainer.default_root_dir
-    report = build_report(config, stages, model_name, trainer.world_size, evaluation)
+    report = build_report(config, stages, model_name, trainer.world_size, evaluation, allocation)
     if not trainer.is_global_zero:
         return None, report
     return write_report(report, log_dir), report

@@ -69,6 +69,16 @@ def all_reduce_sum(t: torch.Tensor, what: str = "sum of a module's errors, loss 
     return t
 
 
+def broadcast_object(obj: object, what: str = "broadcast of rank 0's choice") -> object:
+    """Rank 0's ``obj`` on every rank: a choice that every rank must make alike (float results of the same
+    computation can differ across machines)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    _collective(what, dist.broadcast_object_list, box, 0)
+    return box[0]
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's tensor along dim 0 in rank order (ranks may hold different lengths)."""
     _, size = world()

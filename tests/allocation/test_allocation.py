@@ -126,10 +126,15 @@ def test_quantize_allocates_under_the_configs_budget_and_the_export_round_trips(
 
     config = ADFQConfig(iters=2, batch_size=4, seed=0, bit_budget={"w_bits": 3.5, "a_bits": 4.5,
                                                                       "candidates": [3, 4, 6]})
-    model = quantize(build_tiny("vit"), make_images(16), config, verbose=False)
-    widths = {m.weight_quantizer.bits for n, m in model.named_modules()
+    model, report = quantize(build_tiny("vit"), make_images(16), config, verbose=False, report=True)
+    widths = {n: m.weight_quantizer.bits for n, m in model.named_modules()
               if isinstance(m, QuantLinear) and n.startswith("blocks.")}
-    assert widths <= {3, 4, 6} and len(widths) > 1  # a mix, not one width everywhere
+    assert set(widths.values()) <= {3, 4, 6} and len(set(widths.values())) > 1  # a mix, not one width everywhere
+    allocation = report["allocation"]  # the report says what was chosen, under which budget, at what cost
+    assert {(layer["name"], layer["bits"]) for layer in allocation["layers"] if layer["kind"] == "weights"} \
+        == set(widths.items())
+    assert allocation["reached"]["w_bits"] <= 3.5 and allocation["reached"]["a_bits"] <= 4.5
+    assert report["config"]["bit_budget"] is None and set(widths) <= set(report["config"]["overrides"])
     x = make_images(2)
     path = export_quantized(model, tmp_path / "mixed.safetensors")
     with torch.no_grad():

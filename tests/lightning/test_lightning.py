@@ -195,14 +195,17 @@ def test_shipped_configs_parse(path, capsys):
     # with step sizes at three times the paper's rate (as far in 1,000 iterations as in 3,000), the W6A6 ones 200,
     # the ImageNet ones the paper's 3,000 (docs/method.md)
     assert config["qdrop_prob"] == ADFQConfig().qdrop_prob, path
-    budget = 3000 if path.startswith("configs/imagenet/") else 1000 if path.endswith("w4a4.yaml") else 200
+    budget = 3000 if path.startswith("configs/imagenet/") else 1000 if path.endswith(("w4a4.yaml", "_3.5.yaml")) \
+        else 200
     assert config["iters"] == budget, path
-    tripled = budget == 1000 and not path.endswith("vit_w4a4.yaml")
+    tripled = budget == 1000 and "/vit_" not in path
     assert config["scale_lr"] == pytest.approx(1.2e-4 if tripled else ADFQConfig().scale_lr), path
     # a checkpoint every quarter of a module or less often: every 100 iterations of the paper's 3,000 wrote a
     # ViT-B checkpoint 30 times per module
     (checkpoint,) = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     assert budget // checkpoint["init_args"]["every_n_train_steps"] <= 4, path
+    if path.endswith("_3.5.yaml"):
+        assert config["bit_budget"] == {"w_bits": 3.5, "a_bits": 3.5, "candidates": [3, 4, 6, 8]}, path
 
 
 @pytest.mark.slow

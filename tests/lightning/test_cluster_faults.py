@@ -165,6 +165,45 @@ def test_dead_rank_found_by_lightnings_launcher_first_is_reported_before_its_kil
     assert_nothing_partial(tmp_path)
 
 
+def _live_members(pgid: int) -> list[int]:
+    """Processes of a process group that are still running (not zombies)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().split(")")[-1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_dead_rank_0_the_rank_it_started_stops_with_one_report(tmp_path):
+    """Rank 0 (which started rank 1) SIGKILLed before an iteration: rank 1 fails at its next collective and exits
+    with the one-line report; the checkpoint rank 0 wrote before is complete."""
+    log = tmp_path / "log.txt"
+    cmd = CLI + ["--config", config(tmp_path, 2, fault(tmp_path, "iteration", "SIGKILL", rank=0))]
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, env=_ddp_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert proc.wait(timeout=LIMIT_S) == -signal.SIGKILL
+        died = json.loads((tmp_path / "fault.json").read_text())["time"]
+        while _live_members(proc.pid) and time.time() - died < 30:
+            time.sleep(0.2)
+        left = _live_members(proc.pid)
+        stopped_after = time.time() - died
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"rank 1 still running {stopped_after:.0f} s after rank 0 died:\n" + log.read_text()[-3000:]
+    _log_fault("SIGKILL rank 0 before an iteration", stopped_after)
+    assert_one_report(log, 1, "its connection closed")
+    assert engine_at(tmp_path / "ckpt" / "last.ckpt") == (1, 1)
+    assert_nothing_partial(tmp_path)
+
+
 @pytest.mark.parametrize("ckpt_path", ["last", "file"])
 def test_corrupt_last_checkpoint_on_resume_is_one_clear_error(tmp_path, ckpt_path):
     """A truncated last.ckpt (Lightning's own writer can leave one when its temporary directory is on another

@@ -1,0 +1,116 @@
+"""The mixed-precision results: each bit budget against the uniform widths around it, paired by seed, and the
+plot of Top-1 against the size of the quantized weights."""
+
+from __future__ import annotations
+
+import os
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from tables import (ACC, MODELS, RECIPE_ITERS, about, accuracy_runs, by_seed, cell, load, mean, paired, pick, signed,
+                    table)
+
+#: the budgets measured, by tag: (BitBudget fields, the uniform width it is set against)
+BUDGETS = {
+    "mixed_3.0_2bit": ({"w_bits": 3.0, "a_bits": 3.0, "candidates": [2, 3, 4, 6, 8]}, "W3A3, 2-bit candidates"),
+    "mixed_3.5": ({"w_bits": 3.5, "a_bits": 3.5}, "W3.5A3.5"),
+    "mixed_4.0": ({"w_bits": 4.0, "a_bits": 4.0}, "W4A4"),
+}
+#: modules the default ``overrides`` keep at 8 bits, outside the budget
+FIXED_AT_8 = ("patch_embed.*", "head", "head.*", "head_dist")
+
+
+def budget_runs(runs: list[dict], model: str, tag: str) -> list[dict]:
+    return pick(runs, model, "adfq", 4, RECIPE_ITERS, {"bit_budget": BUDGETS[tag][0]})
+
+
+def mixed_table(runs: list[dict]) -> list[str]:
+    """Each budget's Top-1 against uniform W3A3 and W4A4 on the same calibration seeds (1,000 it/module, the
+    paper's step-size rate for all), and what the allocation cost next to the calibration."""
+    rows, used, counts = [], [], []
+    for model in MODELS:
+        for tag, (budget, label) in BUDGETS.items():
+            mixed = budget_runs(runs, model, tag)
+            if not mixed:
+                continue
+            seeds = set(by_seed(mixed))
+            low, high = ([r for r in pick(runs, model, "adfq", b, RECIPE_ITERS) if r["seed"] in seeds] for b in (3, 4))
+            used += mixed + low + high
+            counts.append(mixed)
+            d_low, d_high = paired(low, mixed), paired(high, mixed)
+            gap = "–"
+            if tag == "mixed_3.5" and low and high:
+                gap = f"{100 * (mean(mixed) - mean(low)) / (mean(high) - mean(low)):.0f} %"
+            cost = [r["allocation_seconds"] / (r["calib_seconds"] - r["allocation_seconds"]) for r in mixed
+                    if r.get("allocation_seconds")]
+            rows.append([f"`{model}`", label, str(len(mixed)), cell(low), cell(mixed), cell(high),
+                         f"{signed(d_low[0])} ({d_low[1]:.2f})" if d_low else "–",
+                         f"{signed(d_high[0])} ({d_high[1]:.2f})" if d_high else "–", gap,
+                         f"{100 * sum(cost) / len(cost):.0f} %" if cost else "–"])
+    lines = table(["model", "budget", "seeds", "uniform W3A3", "mixed", "uniform W4A4", "Δ to W3A3 (seed SE)",
+                   "Δ to W4A4 (seed SE)", "W3A3 → W4A4 gap recovered", "allocation / calibration time"], rows,
+                  ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])
+    return lines + ["", about(f"{ACC} --groups budget --bits 4 --budget-iters 1000 --seeds 0 1 2 --changes "
+                              "'{\"bit_budget\": {\"w_bits\": 3.5, \"a_bits\": 3.5}}' --tag mixed_3.5", used,
+                              "-".join(sorted({str(len(c)) for c in counts})) or "–",
+                              "The other budgets: the same command with their `bit_budget` and tag (`mixed_4.0`; "
+                              "`mixed_3.0_2bit` with `\"candidates\": [2, 3, 4, 6, 8]`). Uniform runs: the default "
+                              "recipe at 1,000 it/module on the same seeds; Δ: the paired difference with its "
+                              "standard error over seeds.")]
+
+
+def weight_megabytes(model: str, bits: int, allocated: dict) -> float:
+    """Storage of the quantized Linear/Conv weights at their widths (patch embedding and head at 8 bits)."""
+    from torch import nn
+
+    from adfq_lightning.zoo import create_reference_model
+
+    total = 0.0
+    for name, m in create_reference_model(model, pretrained=False).named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            width = 8 if any(fnmatchcase(name, p) for p in FIXED_AT_8) else allocated.get(name, {}).get("w_bits", bits)
+            total += m.weight.numel() * width / 8
+    return total / 2**20
+
+
+def render_pareto(path: Path) -> None:
+    """Top-1 against the quantized weights' size: uniform W3A3, W4A4, W6A6 and each budget, mean ± std over
+    seeds (matplotlib and torch are imported here only)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    runs = accuracy_runs(load("accuracy.json"))
+    fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], MODELS):
+        uniform = [(b, pick(runs, model, "adfq", b, RECIPE_ITERS if b < 6 else 200)) for b in (3, 4, 6)]
+        points = [(weight_megabytes(model, b, {}), [r["top1"] for r in rs]) for b, rs in uniform if rs]
+        if points:
+            ax.errorbar([x for x, _ in points], [sum(v) / len(v) for _, v in points],
+                        yerr=[_std(v) for _, v in points], marker="o", capsize=3, label="uniform W3A3, W4A4 (1,000 it), W6A6 (200 it)")
+        for tag, (_, label) in BUDGETS.items():
+            mixed = budget_runs(runs, model, tag)
+            if mixed:
+                sizes = [weight_megabytes(model, 4, r["allocated"]) for r in mixed]
+                ax.errorbar([sum(sizes) / len(sizes)], [mean(mixed)], yerr=[_std([r["top1"] for r in mixed])],
+                            marker="s", capsize=3, linestyle="none", label=f"mixed, budget {label}")
+        ax.set_title(model)
+        ax.set_xlabel("quantized weights (MiB)")
+        ax.set_ylabel("Top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Top-1 vs size, CIFAR-10 (5,000 val images), ADFQ, mean ± std over seeds",
+                 fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _std(values: list[float]) -> float:
+    m = sum(values) / len(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0

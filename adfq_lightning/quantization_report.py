@@ -61,16 +61,20 @@ def build_report(config: ADFQConfig, stages: list, model_name: str, world_size: 
     }
 
 
+def widths_label(config: dict, allocation: Optional[dict] = None) -> str:
+    """``W4A4``, or under a bit budget the averages the allocation reached: ``mixed W3.50 A3.50``."""
+    if allocation:
+        return "mixed " + " ".join(f"{k[0].upper()}{v:.2f}" for k, v in allocation["reached"].items() if v)
+    return f"W{config['w_bits']}A{config['a_bits']}"
+
+
 def summarize(report: dict, where: str) -> str:
     """A short account of a run: modules, time, what the safeguard reverted, the worst held-out error ratio, and
     ``where`` the full report is."""
     overview, config = report["overview"], report["config"]
     iters = f"{config['iters']} it/module" if config["reconstruct"] else "no reconstruction"
     allocation = report.get("allocation")
-    widths = f"W{config['w_bits']}A{config['a_bits']}"
-    if allocation:
-        widths = "mixed " + " ".join(f"{k[0].upper()}{v:.2f}" for k, v in allocation["reached"].items() if v)
-    lines = [f"ADFQ {widths} {report['model']}: {overview['modules']} modules quantized in "
+    lines = [f"ADFQ {widths_label(config, allocation)} {report['model']}: {overview['modules']} modules quantized in "
              f"{overview['seconds']:.1f} s ({iters})."]
     if allocation:
         budget = " ".join(f"{k[0].upper()}{v:g}" for k, v in allocation["budget"].items() if k != "candidates" and v)

@@ -7,7 +7,7 @@ import os
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from tables import (ACC, MODELS, RECIPE_ITERS, about, accuracy_runs, by_seed, cell, load, mean, paired, pick, signed,
+from tables import (ACC, MODELS, RECIPE_ITERS, VARIANTS, about, accuracy_runs, by_seed, cell, load, mean, paired, pick, signed,
                     table)
 
 #: the budgets measured, by tag: (BitBudget fields, the uniform width it is set against)
@@ -28,7 +28,7 @@ def mixed_table(runs: list[dict]) -> list[str]:
     """Each budget's Top-1 against uniform W3A3 and W4A4 on the same calibration seeds (1,000 it/module, the
     paper's step-size rate for all), and what the allocation cost next to the calibration."""
     rows, used, counts = [], [], []
-    for model in MODELS:
+    for model in MODELS + VARIANTS:
         for tag, (budget, label) in BUDGETS.items():
             mixed = budget_runs(runs, model, tag)
             if not mixed:
@@ -54,7 +54,8 @@ def mixed_table(runs: list[dict]) -> list[str]:
                               "'{\"bit_budget\": {\"w_bits\": 3.5, \"a_bits\": 3.5}}' --tag mixed_3.5", used,
                               "-".join(sorted({str(len(c)) for c in counts})) or "–",
                               "The other budgets: the same command with their `bit_budget` and tag (`mixed_4.0`; "
-                              "`mixed_3.0_2bit` with `\"candidates\": [2, 3, 4, 6, 8]`). Uniform runs: the default "
+                              "`mixed_3.0_2bit` with `\"candidates\": [2, 3, 4, 6, 8]`); the outlier variants: "
+                              "`--groups stress_budget`. Uniform runs: the default "
                               "recipe at 1,000 it/module on the same seeds; Δ: the paired difference with its "
                               "standard error over seeds.")]
 

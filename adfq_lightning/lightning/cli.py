@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
+from ..quantization_report import widths_label
 from .errors import DEBUG_ENV, run_reporting_errors
 from .faults import RUNNING, ckpt_path_arg, stop_after_failure
 from .module import ADFQModule
@@ -80,7 +81,8 @@ class ADFQCLI(LightningCLI):
         if "val_fp" in results and "val" in results:
             print(
                 f"\n{self.model.hparams.model}: FP Top-1 {results['val_fp']['top1']:.2f} / Top-5 "
-                f"{results['val_fp']['top5']:.2f} | W{cfg.w_bits}A{cfg.a_bits} Top-1 {results['val']['top1']:.2f} / "
+                f"{results['val_fp']['top5']:.2f} | {widths_label(cfg.to_dict(), self.model.driver.allocation)} Top-1 "
+                f"{results['val']['top1']:.2f} / "
                 f"Top-5 {results['val']['top5']:.2f}\nreport: {log_dir}/{REPORT_NAME}"
             )
 

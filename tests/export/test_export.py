@@ -270,3 +270,18 @@ def test_torch_compile_captures_one_graph():
         torch.compiler.reset()
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
         assert torch.equal(outputs(compiled, x), outputs(model, x))
+
+
+@pytest.mark.slow
+def test_mixed_widths_export_to_program_and_onnx_with_parity(tmp_path):
+    """Per-layer weight and activation widths (3 and 6 bits in one model) survive torch.export and ONNX."""
+    overrides = {**ADFQConfig().overrides, "blocks.0.*": {"w_bits": 3, "a_bits": 6},
+                 "blocks.1.*": {"w_bits": 6, "a_bits": 3}}
+    model = quantize(build_tiny("vit"), make_images(16), ADFQConfig(reconstruct=False, overrides=overrides))
+    assert {model.blocks[0].mlp.fc1.input_quantizer.bits, model.blocks[1].mlp.fc1.input_quantizer.bits} == {3, 6}
+    x = make_images(3, seed=5)
+    program = load_program(export_program(model, tmp_path / "q.pt2", make_images(2)))
+    assert torch.equal(program(x), outputs(model, x))
+    got = onnx_session(export_onnx(model, tmp_path / "q.onnx", make_images(2))).run(None, {"images": x.numpy()})[0]
+    expected = outputs(model, x).numpy()
+    assert (np.abs(got - expected).max(axis=1) < 1e-4).sum() >= 2 and (got.argmax(1) == expected.argmax(1)).all()

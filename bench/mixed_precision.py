@@ -3,12 +3,11 @@ plot of Top-1 against the size of the quantized weights."""
 
 from __future__ import annotations
 
-import os
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from tables import (ACC, MODELS, RECIPE_ITERS, VARIANTS, about, accuracy_runs, by_seed, cell, load, mean, paired, pick, signed,
-                    table)
+from tables import (ACC, MODELS, RECIPE_ITERS, VARIANTS, about, accuracy_runs, by_seed, cell, load, mean,
+                    model_figure, paired, pick, save_figure, signed, table)
 
 #: the budgets measured, by tag: (BitBudget fields, the uniform width it is set against)
 BUDGETS = {
@@ -76,40 +75,27 @@ def weight_megabytes(model: str, bits: int, allocated: dict) -> float:
 
 def render_pareto(path: Path) -> None:
     """Top-1 against the quantized weights' size: uniform W3A3, W4A4, W6A6 and each budget, mean ± std over
-    seeds (matplotlib and torch are imported here only)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    seeds (torch is imported here only, to count each layer's weights)."""
+    figure = model_figure()
+    if figure is None:
         return
+    plt, fig, axes = figure
     runs = accuracy_runs(load("accuracy.json"))
-    fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4.2), squeeze=False)
-    for ax, model in zip(axes[0], MODELS):
+    for ax, model in zip(axes, MODELS):
         uniform = [(b, pick(runs, model, "adfq", b, RECIPE_ITERS if b < 6 else 200)) for b in (3, 4, 6)]
         points = [(weight_megabytes(model, b, {}), [r["top1"] for r in rs]) for b, rs in uniform if rs]
         if points:
             ax.errorbar([x for x, _ in points], [sum(v) / len(v) for _, v in points],
-                        yerr=[_std(v) for _, v in points], marker="o", capsize=3, label="uniform W3A3, W4A4 (1,000 it), W6A6 (200 it)")
+                        yerr=[_std(v) for _, v in points], marker="o", capsize=3,
+                        label="uniform W3A3, W4A4 (1,000 it), W6A6 (200 it)")
         for tag, (_, label) in BUDGETS.items():
             mixed = budget_runs(runs, model, tag)
             if mixed:
                 sizes = [weight_megabytes(model, 4, r["allocated"]) for r in mixed]
                 ax.errorbar([sum(sizes) / len(sizes)], [mean(mixed)], yerr=[_std([r["top1"] for r in mixed])],
                             marker="s", capsize=3, linestyle="none", label=f"mixed, budget {label}")
-        ax.set_title(model)
-        ax.set_xlabel("quantized weights (MiB)")
-        ax.set_ylabel("Top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Top-1 vs size, CIFAR-10 (5,000 val images), ADFQ, mean ± std over seeds",
-                 fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(plt, fig, axes, path, "Top-1 vs size, CIFAR-10 (5,000 val images), ADFQ, mean ± std over seeds",
+                "quantized weights (MiB)")
 
 
 def _std(values: list[float]) -> float:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from mixed_precision import mixed_table, render_pareto
 from tables import (ABLATIONS, ACC, DOCS, LABELS, MODELS, NO_BC, RECIPE_ITERS, REPO, RESULTS, SHORT_ITERS, VARIANTS,
-                    about, accuracy_runs, by_seed, cell, load, machines, mean, mean_std, paired, pick, recipe,
-                    seed_counts, share, signed, table)
+                    about, accuracy_runs, by_seed, cell, load, machines, mean, mean_std, model_figure, paired, pick,
+                    recipe, save_figure, seed_counts, share, signed, table)
 
 
 # -- accuracy tables ---------------------------------------------------------------------------------------------
@@ -471,17 +471,13 @@ def outputs() -> dict[Path, str]:
 
 
 def render_plot(path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    figure = model_figure()
+    if figure is None:
         return
+    plt, fig, axes = figure
     runs = accuracy_runs(load("accuracy.json"))
-    fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4.2), squeeze=False)
     widths = (3, 4, 5, 6, 7, 8)
-    for ax, model in zip(axes[0], MODELS):
+    for ax, model in zip(axes, MODELS):
         series = [(LABELS[p], lambda b, p=p: pick(runs, model, p, b)) for p in ("minmax", "percentile", "adfq_init")]
         series.append(("ADFQ, shipped recipe", lambda b: pick(runs, model, "adfq", b, *recipe(model, b))))
         for label, get in series:
@@ -492,17 +488,8 @@ def render_plot(path: Path) -> None:
         fp = mean(pick(runs, model, "fp"))
         if fp is not None:
             ax.axhline(fp, color="k", linestyle="--", linewidth=1, label=f"FP32 ({fp:.1f})")
-        ax.set_title(model)
-        ax.set_xlabel("bits (W = A)")
-        ax.set_ylabel("Top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Top-1 vs bits, CIFAR-10 (5,000 val images), mean ± std over seeds", fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(plt, fig, axes, path, "Top-1 vs bits, CIFAR-10 (5,000 val images), mean ± std over seeds",
+                "bits (W = A)")
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -142,3 +143,32 @@ def about(command: str, runs: list[dict], seeds: str, extra: str = "") -> str:
 def table(header: list[str], rows: list[list[str]], align: Optional[list[str]] = None) -> list[str]:
     align = align or ["---"] * len(header)
     return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def model_figure():
+    """(pyplot, figure, one axis per model), or None where matplotlib is not installed: plots are optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(MODELS), figsize=(5 * len(MODELS), 4.2), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def save_figure(plt, fig, axes, path: Path, title: str, xlabel: str) -> None:
+    """Label every model's axis, title the figure and write it atomically."""
+    for ax, model in zip(axes, MODELS):
+        ax.set_title(model)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("Top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

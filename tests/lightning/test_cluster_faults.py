@@ -100,12 +100,15 @@ def assert_nothing_partial(root: Path) -> None:
     assert not leftovers, leftovers
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    """The uninterrupted 1-process run (same environment as the others: one thread per process)."""
-    root = tmp_path_factory.mktemp("reference")
+def uninterrupted(root: Path) -> dict:
+    """The uninterrupted 1-process run's final state (same environment as the others: one thread per process)."""
     launch(CLI + ["--config", config(root, 1)], root / "log.txt")
     return final_state(root)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    return uninterrupted(tmp_path_factory.mktemp("reference"))
 
 
 def _log_fault(row: str, seconds: float) -> None:

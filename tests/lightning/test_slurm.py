@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from test_cluster_faults import CLI, RTOL, assert_state_dicts_match, config, engine_at, fault, final_state, reference  # noqa: F401
+from test_cluster_faults import (CLI, RTOL, assert_state_dicts_match, config, engine_at, fault, final_state,
+                                 uninterrupted)
 from test_distributed import needs_gloo
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -32,6 +32,11 @@ def _slurm_up() -> bool:
 
 pytestmark = [pytest.mark.slow, needs_gloo,
               pytest.mark.skipif(not _slurm_up(), reason="no SLURM controller answers (.ci/slurm-up starts one)")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    return uninterrupted(tmp_path_factory.mktemp("reference"))
 
 
 def _job_state(job: str) -> tuple[str, int]:

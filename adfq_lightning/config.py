@@ -142,6 +142,9 @@ class ReconstructionRecipe:
             Linear/Conv layers, as the reference code).
         harden_at: fraction of ``iters`` after which the rounding is fixed; step sizes learn on after it.
         holdout: fraction of the calibration images kept out of the updates, to measure each module's error on.
+        adaptive_iters: ``iters`` becomes a ceiling: once a module's held-out error stops falling during the
+            warm-up, the rest of its schedules run whole in fewer iterations (:mod:`adfq_lightning.reconstruction.
+            schedule`); the report gives each module's iterations.
         safeguard: a module whose held-out error got worse keeps its pre-reconstruction state.
         bias_correction: empirical bias correction of each module's Linears, kept where it lowers the held-out
             error. None: on for ADFQ, off for the baselines.
@@ -169,6 +172,7 @@ class ReconstructionRecipe:
     learn_steps: Literal["all", "linear_inputs"] = "all"
     harden_at: float = 1.0
     holdout: float = 0.1
+    adaptive_iters: bool = False
     safeguard: bool = True
     bias_correction: Optional[bool] = None
     seed: int = 0
@@ -199,9 +203,13 @@ class ReconstructionRecipe:
     def effective_rounding_lr(self) -> float:
         """``rounding_lr``, or the budget-scaled rate when it is None (the same product of rate and iterations
         as the reference's 3e-3 x 3,000)."""
+        return self.rounding_lr_for(self.iters)
+
+    def rounding_lr_for(self, iters: float) -> float:
+        """``rounding_lr``, or the rate that scales with a budget of ``iters`` iterations when it is None."""
         if self.rounding_lr is not None:
             return float(self.rounding_lr)
-        return min(0.1, max(3e-3, 3e-3 * 3000 / self.iters))
+        return min(0.1, max(3e-3, 3e-3 * 3000 / iters))
 
 
 @dataclass

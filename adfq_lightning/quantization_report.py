@@ -38,6 +38,7 @@ def _overview(modules: list[dict]) -> dict:
     return {"modules": len(modules), "seconds": sum(float(m.get("seconds", 0.0)) for m in modules),
             "reverted": [m["name"] for m in modules if m.get("reverted")],
             "undecided": sum(int(m.get("undecided", 0) or 0) for m in modules),
+            "iterations": sum(int(m.get("iters", 0)) for m in modules),
             "worst_error_ratio": None if worst is None else {"module": worst[1], "ratio": worst[0]}}
 
 
@@ -73,6 +74,9 @@ def summarize(report: dict, where: str) -> str:
     ``where`` the full report is."""
     overview, config = report["overview"], report["config"]
     iters = f"{config['iters']} it/module" if config["reconstruct"] else "no reconstruction"
+    if config["reconstruct"] and config.get("adaptive_iters"):
+        iters = (f"adaptive: {overview['iterations']:,} of {overview['modules'] * config['iters']:,} iterations, "
+                 "each module's in the report")
     allocation = report.get("allocation")
     lines = [f"ADFQ {widths_label(config, allocation)} {report['model']}: {overview['modules']} modules quantized in "
              f"{overview['seconds']:.1f} s ({iters})."]

@@ -242,7 +242,8 @@ def summarize_modules(modules: list[dict]) -> dict:
     updates did not see), and how many modules bias correction and the safeguard changed."""
     rec = [m for m in modules if "reconstructed_error" in m]
     out = {"modules": len(modules), "modules_bias_corrected": sum(1 for m in modules if m.get("bias_corrected")),
-           "modules_reverted": sum(1 for m in modules if m.get("reverted"))}
+           "modules_reverted": sum(1 for m in modules if m.get("reverted")),
+           "iters_used": sum(int(m.get("iters", 0)) for m in modules)}
     if rec:
         out["heldout_error_ratio"] = statistics.geometric_mean(
             [max(m["reconstructed_error"], 1e-12) / max(m["init_error"], 1e-12) for m in rec])

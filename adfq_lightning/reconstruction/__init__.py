@@ -2,7 +2,8 @@
 
 :mod:`.reconstructor` (the stage loop), :mod:`.cache` (the activation cache), :mod:`.heldout` (held-out error
 and safeguard), :mod:`.bias_correction`, :mod:`.cross_rank` (cross-rank sums), :mod:`.learnable` (what is
-learned, its optimizer), :mod:`.losses`, :mod:`.units` (the unit chain), :mod:`.cuda_graph` and :mod:`.compiled` (fused iterations).
+learned, its optimizer), :mod:`.losses`, :mod:`.schedule` (each module's schedule, the adaptive budget),
+:mod:`.units` (the unit chain), :mod:`.cuda_graph` and :mod:`.compiled` (fused iterations).
 """
 
 from .learnable import make_optimizer

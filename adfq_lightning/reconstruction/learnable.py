@@ -11,8 +11,9 @@ from ..config import ADFQConfig
 from ..modules.factory import LINEAR_INPUT_ROLES
 from ..quantizers import AdaRoundQuantizer, outermost_quantizers
 
-#: Index of the step-size group in the optimizer of :func:`make_optimizer` (its learning rate follows a cosine).
-STEP_SIZE_GROUP = 1
+#: Indices of the rounding and step-size groups in the optimizer of :func:`make_optimizer` (the step sizes' rate
+#: follows a cosine).
+ROUNDING_GROUP, STEP_SIZE_GROUP = 0, 1
 
 
 def learnable_parameters(module: nn.Module, learn_steps: str = "all",

@@ -5,8 +5,8 @@ all run the same code. Each rank holds only its shard of the calibration images;
 per *global* sample id from a seeded generator, and each rank's loss is its part of the global batch mean, so
 summing gradients over ranks reproduces the single-process run. The jobs around the loop live beside it:
 :mod:`.cache` (the activation cache), :mod:`.heldout` (held-out error and safeguard), :mod:`.bias_correction`,
-:mod:`.cross_rank` (cross-rank sums), :mod:`.learnable` (what is learned and its optimizer) and
-:mod:`.cuda_graph`.
+:mod:`.cross_rank` (cross-rank sums), :mod:`.learnable` (what is learned and its optimizer), :mod:`.schedule`
+(each module's schedule and adaptive budget) and :mod:`.cuda_graph`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from .cross_rank import Shard, all_gather_cat, all_reduce_sum, sum_gradients, wo
 from .compiled import CompiledTargets
 from .cuda_graph import PhaseGraphs
 from .heldout import apply_safeguard, holdout_split, output_error
-from .learnable import (STEP_SIZE_GROUP, adaround_quantizers, freeze, harden, learnable_parameters, make_optimizer,
-                        quantizer_state)
+from .learnable import (ROUNDING_GROUP, STEP_SIZE_GROUP, adaround_quantizers, freeze, harden, learnable_parameters,
+                        make_optimizer, quantizer_state)
 from .losses import attention_kl, attention_kl_heads, cosine_lr, output_loss, rounding_beta
+from .schedule import StageBudget
 from .units import build_units
 
 #: ``log(module name, iteration, loss terms as floats)``
@@ -84,6 +85,7 @@ class Reconstructor:
         self.stages = [Stage(name, u, m) for u, unit in enumerate(self.units) for name, m in unit.targets]
         self.stage = 0
         self.iteration = 0
+        self.budget = StageBudget(config.iters)  # the current stage's schedule and (adaptive) end
         self.last_terms: Optional[dict] = None  # the current stage's latest loss terms
         self._stage_ready = False
         self._stage_started = 0.0
@@ -103,10 +105,12 @@ class Reconstructor:
 
     def state_dict(self) -> dict:
         return {"stage": self.stage, "iteration": self.iteration, "stats": [s.stats for s in self.stages],
-                "initial_state": {k: v.cpu() for k, v in self._initial_state.items()}}
+                "initial_state": {k: v.cpu() for k, v in self._initial_state.items()},
+                "budget": self.budget.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.stage, self.iteration = int(state["stage"]), int(state["iteration"])
+        self.budget = StageBudget(self.config.iters, **state.get("budget", {}))
         for s, stats in zip(self.stages, state["stats"]):
             s.stats = dict(stats)
         self._initial_state = {k: v.to(self.device) for k, v in state.get("initial_state", {}).items()}
@@ -124,11 +128,12 @@ class Reconstructor:
 
     @property
     def harden_iteration(self) -> int:
-        """The iteration at which the rounding becomes hard (``config.harden_at``); step sizes learn on after it."""
+        """The schedule position at which the rounding becomes hard (``config.harden_at``); step sizes learn on
+        after it."""
         return round(self.config.harden_at * self.config.iters)
 
     def stage_complete(self) -> bool:
-        return not self.config.reconstruct or self.iteration >= self.config.iters
+        return not self.config.reconstruct or self.iteration >= self.budget.end
 
     def _enable_finished(self, upto: int) -> None:
         """Quantize the stages before ``upto``; keep the others in float."""
@@ -172,7 +177,7 @@ class Reconstructor:
             q.name: float(q.outlier_ratio) for q in module.modules() if isinstance(q, PerPatchOutlierQuantizer)}
         stage.stats["cache_mb"] = cache.megabytes()
         rounding, steps = self._stage_parameters()
-        soft = cfg.reconstruct and self.iteration < self.harden_iteration
+        soft = cfg.reconstruct and self.budget.position(self.iteration) < self.harden_iteration
         for p in steps:
             p.requires_grad_(cfg.reconstruct)
         for p in rounding:
@@ -222,6 +227,7 @@ class Reconstructor:
         self.cache.release_target()
         self.graphs.clear()
         self.stage, self.iteration, self._stage_ready = self.stage + 1, 0, False
+        self.budget = StageBudget(cfg.iters)
         if self.done:
             self._restore_model()
             self.cache.release()
@@ -239,7 +245,13 @@ class Reconstructor:
             self.prepare_stage()
         cfg, stage, it, cache = self.config, self.current, self.iteration, self.cache
         module, world_size = stage.module, world()[1]
-        if it == self.harden_iteration:
+        hard = self.harden_iteration
+        if cfg.adaptive_iters and self.budget.check_due(it, cfg.warmup * hard):
+            self.budget.observe(it, self.output_error())
+            if self.budget.switch is not None:
+                stage.stats["adaptive_switch"] = it
+        at = self.budget.position(it)  # where the schedules are
+        if self.budget.crossed(it, hard):
             self._harden(optimizer)
         seed = cfg.seed * 1_000_003 + self.stage * 100_003 + it
         draw = torch.randint(0, len(self.update_ids), (cfg.batch_size,), generator=torch.Generator().manual_seed(seed))
@@ -247,7 +259,7 @@ class Reconstructor:
         positions = (rows >= 0).nonzero().squeeze(1)
         rows = rows[positions].to(cache.t_q.device, non_blocking=True)
         x = cache.load(cache.t_q[rows])
-        if cfg.qdrop_prob < 1.0 and it < cfg.qdrop_until * cfg.iters:
+        if cfg.qdrop_prob < 1.0 and at < cfg.qdrop_until * cfg.iters:
             # drawn on the compute device for the whole global batch, then this rank's rows taken
             noise_gen = torch.Generator(device=self.device).manual_seed(seed)
             noise = torch.rand((cfg.batch_size, *x.shape[1:]), generator=noise_gen, device=self.device)
@@ -257,7 +269,7 @@ class Reconstructor:
             # Under DDP a rank may hold none of this iteration's global batch: it adds nothing to rec/kl (and an
             # empty forward would fail), but still takes part in the gradient all-reduce below.
             if len(rows):
-                phase = (self.stage, it >= self.harden_iteration)
+                phase = (self.stage, at >= hard)
                 call = self.graphs.get(phase, stage.name, module, cache.kwargs, x.flatten(0, 1)) \
                     or self.compiled.get(module, cache.kwargs)
                 try:
@@ -272,17 +284,18 @@ class Reconstructor:
                 if cfg.attn_kl and scores is not None and cache.scores_fp is not None:
                     kl_term = attention_kl if cfg.attn_kl_form == "keys" else attention_kl_heads
                     kl = kl_term(scores, cache.load(cache.scores_fp[rows]), cfg.kl_temperature, cfg.batch_size)
-            hard = self.harden_iteration
-            beta = rounding_beta(min(it, hard), hard, cfg.warmup, cfg.beta_start, cfg.beta_end)
+            beta = rounding_beta(min(at, hard), hard, cfg.warmup, cfg.beta_start, cfg.beta_end)
             rnd = torch.zeros((), device=self.device)
-            if cfg.warmup * hard <= it < hard:
+            if cfg.warmup * hard <= at < hard:
                 rnd = cfg.rounding_weight * sum((q.regularizer(beta) for q in adaround_quantizers(module)), rnd)
             loss = rec + kl / cfg.kl_lambda + rnd / world_size
             optimizer.zero_grad(set_to_none=False)
             if loss.requires_grad:  # not when this rank has no samples and the rounding term is still off
                 (backward or torch.Tensor.backward)(loss)
         sum_gradients([p for group in self._stage_parameters() for p in group])
-        optimizer.param_groups[STEP_SIZE_GROUP]["lr"] = cosine_lr(cfg.scale_lr, it, cfg.iters)
+        optimizer.param_groups[STEP_SIZE_GROUP]["lr"] = cosine_lr(cfg.scale_lr, at, cfg.iters)
+        # the rounding variables' rate follows the budget they are left, as it does a shorter fixed one
+        optimizer.param_groups[ROUNDING_GROUP]["lr"] = cfg.rounding_lr_for(cfg.iters / self.budget.rate)
         optimizer.step()
         terms = all_reduce_sum(torch.stack([rec.detach(), kl.detach(), rnd.detach() / world_size]))
         self.iteration += 1

@@ -176,6 +176,9 @@ class ADFQModule(pl.LightningModule):
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def _eval_epoch_start(self, dataloader) -> None:
+        if self.config.bit_budget is not None:  # neither fit nor a checkpoint chose the widths
+            raise ValueError("this config has a bit_budget, whose widths fit allocates: evaluate the checkpoint of "
+                             "that fit (validate/test --ckpt_path <its last.ckpt>), or run fit first.")
         # Padding duplicates a DistributedSampler adds are not counted, so DDP accuracy equals one process's.
         self._batch_size = dataloader.batch_size
         self._real = global_positions(dataloader)[1].to(self.device)

@@ -113,3 +113,8 @@ def test_callback_allocates_under_its_configs_budget(tmp_path):
     assert callback.config.bit_budget is None and set(widths) <= set(callback.config.overrides)
     report = json.loads((tmp_path / "adfq_report.json").read_text())
     assert report["allocation"]["reached"]["w_bits"] <= 3.5
+
+
+def test_validate_with_a_budget_and_no_checkpoint_says_to_give_one(tmp_path):
+    with pytest.raises(ValueError, match="--ckpt_path"):
+        cli_main(["validate", "--config", mixed_config(tmp_path)])

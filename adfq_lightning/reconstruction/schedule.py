@@ -17,7 +17,7 @@ from typing import Optional
 #: fraction of ``iters`` between two held-out error checks during the warm-up
 CHECK_EVERY = 0.05
 #: a relative fall of the held-out error between two checks below this: it has stopped falling
-PLATEAU = 0.01
+PLATEAU = 0.05
 #: the rest of the schedule then takes this fraction of ``iters``, times the fraction of the schedule left
 SHORT = 0.2
 

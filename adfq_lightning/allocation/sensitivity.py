@@ -87,8 +87,10 @@ def measure(model: nn.Module, calib: torch.Tensor, held: torch.Tensor, units: li
     """Fill ``unit.kl`` for every unit and candidate width. ``model`` is the float model (left as it is)."""
     from ..api import quantize
 
+    training = model.training
     with torch.no_grad():
         reference = model.eval()(held)
+    model.train(training)  # the float model is left as it was
     for bits in candidates:
         probe = copy.deepcopy(model)
         quantize(probe, calib, config.replace(w_bits=bits, a_bits=bits, reconstruct=False), verbose=False)

@@ -240,7 +240,7 @@ def blocks() -> dict[str, list[str]]:
         "qkv_grid": qkv_grid_table(runs),
         "compiled": compiled_table(runs),
         "mixed": mixed_table(runs),
-        "adaptive": adaptive_table(runs),
+        "adaptive": adaptive_table(runs, data["runs"]),
         "stress": stress_table(runs),
         "stress_budget": budget_table(runs, VARIANTS, "stress_budget"),
         "timing": timing_table(data),

@@ -50,17 +50,7 @@ class ReconstructionDriver:
         gradients over ranks itself.
         """
         if self.config.bit_budget is not None:
-            bound_collectives(self.collective_timeout)  # every rank gets here, in the same order
-            device = trainer.strategy.root_device
-            images = collect_images(calibration_loader(trainer, loader), limit=limit).to(device)
-            self.config, self.allocation = allocated_config(model.to(device), images, self.config)
-            reached = {k: v for k, v in self.allocation["reached"].items() if v is not None}
-            for logger in trainer.loggers:
-                logger.log_metrics({f"allocation/{k}": v for k, v in reached.items()}, step=0)
-            if trainer.is_global_zero:
-                tqdm.write(f"bit allocation: {len(self.allocation['layers'])} widths chosen in "
-                           f"{self.allocation['seconds']:.0f} s, averages " +
-                           ", ".join(f"{k} {v:.2f}" for k, v in reached.items()))
+            self._allocate(model, trainer, loader, limit)
         prepare(model, self.config)
         for q in model.modules():
             if isinstance(q, Quantizer):
@@ -77,6 +67,20 @@ class ReconstructionDriver:
         if self.resume_state is not None:
             self.engine.load_state_dict(self.resume_state)
         return self.engine
+
+    def _allocate(self, model: nn.Module, trainer: pl.Trainer, loader: Optional[Any], limit: Optional[int]) -> None:
+        """Choose the widths under ``config.bit_budget`` (rank 0's choice on every rank), say what was reached."""
+        bound_collectives(self.collective_timeout)  # every rank gets here, in the same order
+        device = trainer.strategy.root_device
+        images = collect_images(calibration_loader(trainer, loader), limit=limit).to(device)
+        self.config, self.allocation = allocated_config(model.to(device), images, self.config)
+        reached = {k: v for k, v in self.allocation["reached"].items() if v is not None}
+        for logger in trainer.loggers:
+            logger.log_metrics({f"allocation/{k}": v for k, v in reached.items()}, step=0)
+        if trainer.is_global_zero:
+            averages = ", ".join(f"{k} {v:.2f}" for k, v in reached.items())
+            tqdm.write(f"bit allocation: {len(self.allocation['layers'])} widths chosen in "
+                       f"{self.allocation['seconds']:.0f} s, averages {averages}")
 
     def adopt_allocation(self, saved: Optional[dict]) -> None:
         """A run that only evaluates a checkpoint takes the widths that checkpoint's fit allocated under the same

@@ -43,8 +43,7 @@ def mixed_table(runs: list[dict]) -> list[str]:
             cost = [r["allocation_seconds"] / (r["calib_seconds"] - r["allocation_seconds"]) for r in mixed
                     if r.get("allocation_seconds")]
             rows.append([f"`{model}`", label, str(len(mixed)), cell(low), cell(mixed), cell(high),
-                         f"{signed(d_low[0])} ({d_low[1]:.2f})" if d_low else "–",
-                         f"{signed(d_high[0])} ({d_high[1]:.2f})" if d_high else "–", gap,
+                         _difference(d_low), _difference(d_high), gap,
                          f"{100 * sum(cost) / len(cost):.0f} %" if cost else "–"])
     lines = table(["model", "budget", "seeds", "uniform W3A3", "mixed", "uniform W4A4", "Δ to W3A3 (seed SE)",
                    "Δ to W4A4 (seed SE)", "W3A3 → W4A4 gap recovered", "allocation / calibration time"], rows,
@@ -57,6 +56,13 @@ def mixed_table(runs: list[dict]) -> list[str]:
                               "`--groups stress_budget`. Uniform runs: the default "
                               "recipe at 1,000 it/module on the same seeds; Δ: the paired difference with its "
                               "standard error over seeds.")]
+
+
+def _difference(d) -> str:
+    """A paired difference with its seed standard error (none from one seed)."""
+    if d is None:
+        return "–"
+    return f"{signed(d[0])} ({d[1]:.2f})" if d[2] > 1 else signed(d[0])
 
 
 def weight_megabytes(model: str, bits: int, allocated: dict) -> float:
@@ -88,12 +94,12 @@ def render_pareto(path: Path) -> None:
             ax.errorbar([x for x, _ in points], [sum(v) / len(v) for _, v in points],
                         yerr=[_std(v) for _, v in points], marker="o", capsize=3,
                         label="uniform W3A3, W4A4 (1,000 it), W6A6 (200 it)")
-        for tag, (_, label) in BUDGETS.items():
+        for colour, (tag, (_, label)) in zip(("tab:orange", "tab:green", "tab:red"), BUDGETS.items()):
             mixed = budget_runs(runs, model, tag)
             if mixed:
                 sizes = [weight_megabytes(model, 4, r["allocated"]) for r in mixed]
                 ax.errorbar([sum(sizes) / len(sizes)], [mean(mixed)], yerr=[_std([r["top1"] for r in mixed])],
-                            marker="s", capsize=3, linestyle="none", label=f"mixed, budget {label}")
+                            marker="s", capsize=3, linestyle="none", color=colour, label=f"mixed, budget {label}")
     save_figure(plt, fig, axes, path, "Top-1 vs size, CIFAR-10 (5,000 val images), ADFQ, mean ± std over seeds",
                 "quantized weights (MiB)")
 

@@ -7,7 +7,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from tables import (ACC, MODELS, RECIPE_ITERS, VARIANTS, about, accuracy_runs, by_seed, cell, load, mean,
-                    model_figure, paired, pick, save_figure, signed, table)
+                    mean_std, model_figure, paired, pick, save_figure, signed, table)
 
 #: the budgets measured, by tag: (BitBudget fields, the uniform width it is set against)
 BUDGETS = {
@@ -89,21 +89,17 @@ def render_pareto(path: Path) -> None:
     runs = accuracy_runs(load("accuracy.json"))
     for ax, model in zip(axes, MODELS):
         uniform = [(b, pick(runs, model, "adfq", b, RECIPE_ITERS if b < 6 else 200)) for b in (3, 4, 6)]
-        points = [(weight_megabytes(model, b, {}), [r["top1"] for r in rs]) for b, rs in uniform if rs]
+        points = [(weight_megabytes(model, b, {}), mean_std([r["top1"] for r in rs])) for b, rs in uniform if rs]
         if points:
-            ax.errorbar([x for x, _ in points], [sum(v) / len(v) for _, v in points],
-                        yerr=[_std(v) for _, v in points], marker="o", capsize=3,
+            ax.errorbar([x for x, _ in points], [s[0] for _, s in points],
+                        yerr=[s[1] for _, s in points], marker="o", capsize=3,
                         label="uniform W3A3, W4A4 (1,000 it), W6A6 (200 it)")
         for colour, (tag, (_, label)) in zip(("tab:orange", "tab:green", "tab:red"), BUDGETS.items()):
             mixed = budget_runs(runs, model, tag)
             if mixed:
                 sizes = [weight_megabytes(model, 4, r["allocated"]) for r in mixed]
-                ax.errorbar([sum(sizes) / len(sizes)], [mean(mixed)], yerr=[_std([r["top1"] for r in mixed])],
+                top1 = mean_std([r["top1"] for r in mixed])
+                ax.errorbar([sum(sizes) / len(sizes)], [top1[0]], yerr=[top1[1]],
                             marker="s", capsize=3, linestyle="none", color=colour, label=f"mixed, budget {label}")
     save_figure(plt, fig, axes, path, "Top-1 vs size, CIFAR-10 (5,000 val images), ADFQ, mean ± std over seeds",
                 "quantized weights (MiB)")
-
-
-def _std(values: list[float]) -> float:
-    m = sum(values) / len(values)
-    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0

@@ -7,7 +7,9 @@ rewrites the file atomically after each run, so an interrupted benchmark resumes
 Calibration images are drawn from the 45,000-image training part of the CIFAR-10 archive with the
 spec's ``seed`` (a different class-balanced subset per seed); accuracy is measured on the fixed
 5,000-image validation split, the images the shipped bundle holds. The reconstruction seed is the same
-``seed``, so seeds vary both.
+``seed``, so seeds vary both. A spec with ``unseen`` is also scored on the training part's images that no
+calibration seed in ``UNSEEN_SEEDS`` draws (35,746 at 1,024 images a seed): seven times the validation images,
+for differences of tenths.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ RESULT_PREFIX = "BENCH_RESULT "
 #: cell and seed done on a GPU machine and merged in is not run again on the CPU, nor counted twice.
 KEY_FIELDS = ("model", "preset", "w_bits", "a_bits", "changes", "tag", "iters", "batch_size", "num_calib", "num_val",
               "seed", "threads", "weights")
+#: the calibration seeds whose images the ``unseen`` scoring set leaves out
+UNSEEN_SEEDS = range(10)
 
 
 def spec_key(spec: dict) -> str:
@@ -47,14 +51,15 @@ def weights_fingerprint(model: str) -> str:
 
 def make_spec(model: str, preset: str, bits: Optional[int] = None, *, seed: int = 0, iters: int = 0,
               changes: Optional[dict] = None, tag: str = "", batch_size: int = 32, num_calib: int = 1024,
-              num_val: int = 5000, threads: int = 1, device: str = "cpu") -> dict:
-    """One run; ``iters``/``batch_size`` only count for presets that reconstruct (stored as 0/None otherwise)."""
+              num_val: int = 5000, threads: int = 1, device: str = "cpu", unseen: bool = False) -> dict:
+    """One run; ``iters``/``batch_size`` only count for presets that reconstruct (stored as 0/None otherwise).
+    ``unseen`` adds the scoring on the unseen training images; like the device, it does not name another run."""
     changes = dict(changes or {})
     reconstructs = preset == "adfq" and changes.get("reconstruct", True)
     return {"model": model, "preset": preset, "w_bits": bits, "a_bits": bits, "changes": changes, "tag": tag,
             "iters": iters if reconstructs else 0, "batch_size": batch_size if reconstructs else None,
             "num_calib": num_calib if preset != "fp" else 0, "num_val": num_val, "seed": seed if preset != "fp" else 0,
-            "threads": threads, "device": device, "weights": weights_fingerprint(model)}
+            "threads": threads, "device": device, "weights": weights_fingerprint(model), "unseen": unseen}
 
 
 # -- measurement helpers (no torch import: the parent process stays light) -------------------------------------
@@ -97,13 +102,24 @@ def machine_info(device: str = "cpu") -> dict:
 
 # -- the worker: one spec, in its own process --------------------------------------------------------------------
 
-def calibration_and_validation(num_calib: int, num_val: int, seed: int):
+def calibration_and_scoring(spec: dict) -> tuple:
+    """The spec's calibration images, and its scoring sets as {name: (images, labels)}: ``val``, and ``unseen``
+    where the spec asks for it (all uint8)."""
+    import torch
+
     from adfq_lightning.data import DEFAULT_ARCHIVE, calibration_indices, decode_image_folder, split_indices
 
     data = decode_image_folder(DEFAULT_ARCHIVE)
     train_idx, val_idx = split_indices(data.labels)
-    calib = calibration_indices(data.labels, num_calib, seed, candidates=train_idx) if num_calib else train_idx[:0]
-    return data.images[calib], data.images[val_idx[:num_val]], data.labels[val_idx[:num_val]]
+    num_calib, num_val = spec["num_calib"], spec["num_val"]
+    calib = calibration_indices(data.labels, num_calib, spec["seed"], candidates=train_idx) if num_calib \
+        else train_idx[:0]
+    sets = {"val": (data.images[val_idx[:num_val]], data.labels[val_idx[:num_val]])}
+    if spec.get("unseen"):
+        drawn = torch.cat([calibration_indices(data.labels, 1024, s, candidates=train_idx) for s in UNSEEN_SEEDS])
+        unseen = train_idx[~torch.isin(train_idx, drawn)]
+        sets["unseen"] = data.images[unseen], data.labels[unseen]
+    return data.images[calib], sets
 
 
 def kl_to_fp(logits, fp_logits) -> float:
@@ -128,18 +144,18 @@ def run_one(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    calib_u8, val_u8, val_labels = calibration_and_validation(spec["num_calib"], spec["num_val"], spec["seed"])
+    calib_u8, scoring = calibration_and_scoring(spec)
     model = create_reference_model(spec["model"], pretrained=True).to(device)
     transform = cifar10_eval_transform(timm.data.resolve_data_config(model=model))
     result = dict(spec, calib_seconds=0.0, peak_mem_mb=0.0)
 
     @torch.no_grad()
-    def logits_of_val() -> torch.Tensor:
-        return torch.cat([model(transform(val_u8[i : i + 500]).to(device)) for i in range(0, len(val_u8), 500)])
+    def logits_of(images_u8) -> torch.Tensor:
+        return torch.cat([model(transform(images_u8[i : i + 500]).to(device)) for i in range(0, len(images_u8), 500)])
 
     fp_logits = None
     if spec["preset"] != "fp":
-        fp_logits = logits_of_val()
+        fp_logits = logits_of(scoring["val"][0])
         extra = {"iters": spec["iters"], "batch_size": spec["batch_size"]} if spec["iters"] else {}
         config = ADFQConfig.preset(spec["preset"], w_bits=spec["w_bits"], a_bits=spec["a_bits"], seed=spec["seed"],
                                    **extra, **spec["changes"])
@@ -163,12 +179,18 @@ def run_one(spec: dict) -> dict:
         result["peak_mem_mb"] = max(0.0, hwm - rss0) if hwm is not None and rss0 is not None else None
         result.update(summarize_modules([s.stats for s in engine.stages]))
         del images, engine
-    logits, labels = logits_of_val(), val_labels.to(device)
+    logits, labels = logits_of(scoring["val"][0]), scoring["val"][1].to(device)
     top1 = MulticlassAccuracy(num_classes=10, top_k=1, average="micro").to(device)(logits, labels)
     top5 = MulticlassAccuracy(num_classes=10, top_k=5, average="micro").to(device)(logits, labels)
     if fp_logits is not None:  # how far from the float model, beyond the labels: Top-1 alone is coarse at 6-8 bits
         result["fp_agreement"] = float((logits.argmax(1) == fp_logits.argmax(1)).float().mean()) * 100
         result["kl_to_fp"] = kl_to_fp(logits, fp_logits)
+    if "unseen" in scoring:
+        images_u8, unseen_labels = scoring["unseen"]
+        t0 = time.perf_counter()
+        correct = logits_of(images_u8).argmax(1).cpu() == unseen_labels
+        result.update(unseen_top1=float(correct.float().mean()) * 100, unseen_images=len(unseen_labels),
+                      unseen_seconds=time.perf_counter() - t0)
     result.update(top1=float(top1) * 100, top5=float(top5) * 100, loadavg_end=os.getloadavg()[0],
                   machine=machine_info(spec["device"]))
     return result
@@ -207,14 +229,18 @@ def save_results(path: Path, data: dict) -> None:
 
 
 def add_result(path: Path, result: dict) -> dict:
-    """Add one run to the results file and return its data, re-read under a lock: two benchmark commands may
-    write the same file."""
+    """Add one run to the results file (in place of a record of the same run: one scored again on more images)
+    and return its data, re-read under a lock: two benchmark commands may write the same file."""
     import fcntl
 
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = load_results(path)
-        data["runs"].append(result)
+        same = [i for i, r in enumerate(data["runs"]) if spec_key(r) == spec_key(result)]
+        if same:  # in its place: the tables take the first record of a cell
+            data["runs"][same[0]] = result
+        else:
+            data["runs"].append(result)
         save_results(path, data)
     return data
 
@@ -254,6 +280,14 @@ class TimeBudgetSpent(Exception):
     """A run was not started: the command's time budget was spent."""
 
 
+def pending(specs: list[dict], data: dict) -> list[dict]:
+    """The specs ``data`` holds no run of, once each; and those asking for the unseen images' score that a run
+    recorded without it (they run again)."""
+    before = {spec_key(r): r for r in data["runs"]}
+    return [s for s in dict((spec_key(s), s) for s in specs).values()
+            if spec_key(s) not in before or (s.get("unseen") and "unseen_top1" not in before[spec_key(s)])]
+
+
 def run_specs(specs: list[dict], path: Path, jobs: int = 1, timeout: Optional[float] = None,
               on_result: Optional[Callable[[dict], None]] = None, time_budget: Optional[float] = None) -> dict:
     """Run every spec not yet in ``path`` (``jobs`` at a time) and save after each one; return the data.
@@ -272,8 +306,8 @@ def run_specs(specs: list[dict], path: Path, jobs: int = 1, timeout: Optional[fl
         return run_in_subprocess(spec, left if timeout is None else min(timeout, left))
 
     data = load_results(path)
-    done = {spec_key(r) for r in data["runs"]}
-    todo = [s for s in dict((spec_key(s), s) for s in specs).values() if spec_key(s) not in done]
+    before = {spec_key(r): r for r in data["runs"]}
+    todo = pending(specs, data)
     print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already in {path}, {len(todo)} to run "
           f"({jobs} at a time).", flush=True)
     started = time.perf_counter()
@@ -292,8 +326,11 @@ def run_specs(specs: list[dict], path: Path, jobs: int = 1, timeout: Optional[fl
                 print(f"[{n}/{len(todo)}] FAILED {label}: {err}", file=sys.stderr, flush=True)
                 continue
             data = add_result(path, result)
-            print(f"[{n}/{len(todo)}] {label}: top1 {result['top1']:.2f} calib {result['calib_seconds']:.0f} s "
-                  f"[{(time.perf_counter() - started) / 60:.1f} min]", flush=True)
+            earlier = before.get(spec_key(spec))
+            again = f" (recorded before: {earlier['top1']:.2f})" if earlier else ""
+            unseen = f", unseen {result['unseen_top1']:.2f}" if "unseen_top1" in result else ""
+            print(f"[{n}/{len(todo)}] {label}: top1 {result['top1']:.2f}{again}{unseen} calib "
+                  f"{result['calib_seconds']:.0f} s [{(time.perf_counter() - started) / 60:.1f} min]", flush=True)
             if on_result is not None:
                 on_result(data)
     return data

@@ -23,9 +23,11 @@ def budget_runs(runs: list[dict], model: str, tag: str) -> list[dict]:
     return pick(runs, model, "adfq", 4, RECIPE_ITERS, {"bit_budget": BUDGETS[tag][0]})
 
 
-def mixed_table(runs: list[dict]) -> list[str]:
+def mixed_table(runs: list[dict], field: str = "top1") -> list[str]:
     """Each budget's Top-1 against uniform W3A3 and W4A4 on the same calibration seeds (1,000 it/module, the
-    paper's step-size rate for all), and what the allocation cost next to the calibration."""
+    paper's step-size rate for all), and what the allocation cost next to the calibration. ``field``
+    ``"unseen_top1"``: the same on the unseen training images, for the runs scored there."""
+    runs = [r for r in runs if r.get(field) is not None]
     rows, used, counts = [], [], []
     for model in MODELS + VARIANTS:
         for tag, (budget, label) in BUDGETS.items():
@@ -36,18 +38,31 @@ def mixed_table(runs: list[dict]) -> list[str]:
             low, high = ([r for r in pick(runs, model, "adfq", b, RECIPE_ITERS) if r["seed"] in seeds] for b in (3, 4))
             used += mixed + low + high
             counts.append(mixed)
-            d_low, d_high = paired(low, mixed), paired(high, mixed)
+            d_low, d_high = paired(low, mixed, field), paired(high, mixed, field)
             gap = "–"
             if tag == "mixed_3.5" and low and high:
-                gap = f"{100 * (mean(mixed) - mean(low)) / (mean(high) - mean(low)):.0f} %"
+                gap = f"{100 * (mean(mixed, field) - mean(low, field)) / (mean(high, field) - mean(low, field)):.0f} %"
             cost = [r["allocation_seconds"] / (r["calib_seconds"] - r["allocation_seconds"]) for r in mixed
                     if r.get("allocation_seconds")]
-            rows.append([f"`{model}`", label, str(len(mixed)), cell(low), cell(mixed), cell(high),
-                         _difference(d_low), _difference(d_high), gap,
+            kl = paired(high, mixed, "kl_to_fp")
+            if kl is not None:
+                relative = [100 * x / mean(high, "kl_to_fp") for x in kl[:2]]
+                kl = f"{relative[0]:+.0f} %".replace("-", "−") + (f" ({relative[1]:.0f})" if kl[2] > 1 else "")
+            rows.append([f"`{model}`", label, str(len(mixed)), cell(low, field), cell(mixed, field),
+                         cell(high, field), _difference(d_low), _difference(d_high), gap, kl or "–",
                          f"{100 * sum(cost) / len(cost):.0f} %" if cost else "–"])
     lines = table(["model", "budget", "seeds", "uniform W3A3", "mixed", "uniform W4A4", "Δ to W3A3 (seed SE)",
-                   "Δ to W4A4 (seed SE)", "W3A3 → W4A4 gap recovered", "allocation / calibration time"], rows,
-                  ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])
+                   "Δ to W4A4 (seed SE)", "W3A3 → W4A4 gap recovered", "KL to FP32 against W4A4 (val)",
+                   "allocation / calibration time"], rows,
+                  ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])
+    if field == "unseen_top1":
+        fp = ", ".join(f"{m} {mean(pick(runs, m, 'fp'), field):.2f}" for m in MODELS if pick(runs, m, "fp"))
+        return lines + ["", about(f"{ACC} --groups budget --bits 3 4 --budget-iters 1000 --seeds 0 1 2 --unseen "
+                                  "--models vit_cifar", used,
+                                  "-".join(sorted({str(len(c)) for c in counts})) or "–",
+                                  "Mixed runs: the mixed-precision command with `--unseen --models vit_cifar`. "
+                                  "Top-1 on the 35,746 training-part images no calibration seed 0-9 "
+                                  f"draws (FP32 there: {fp}); the 5,000 validation images, above.")]
     return lines + ["", about(f"{ACC} --groups budget --bits 4 --budget-iters 1000 --seeds 0 1 2 --changes "
                               "'{\"bit_budget\": {\"w_bits\": 3.5, \"a_bits\": 3.5}}' --tag mixed_3.5", used,
                               "-".join(sorted({str(len(c)) for c in counts})) or "–",
@@ -55,7 +70,8 @@ def mixed_table(runs: list[dict]) -> list[str]:
                               "`mixed_3.0_2bit` with `\"candidates\": [2, 3, 4, 6, 8]`); the outlier variants: "
                               "`--groups stress_budget`. Uniform runs: the default "
                               "recipe at 1,000 it/module on the same seeds; Δ: the paired difference with its "
-                              "standard error over seeds.")]
+                              "standard error over seeds; KL: the paired change of the mean KL(FP32 ‖ quantized) of "
+                              "the logits on the validation images, relative to uniform W4A4's.")]
 
 
 def _difference(d) -> str:

@@ -240,6 +240,7 @@ def blocks() -> dict[str, list[str]]:
         "qkv_grid": qkv_grid_table(runs),
         "compiled": compiled_table(runs),
         "mixed": mixed_table(runs),
+        "mixed_unseen": mixed_table(runs, "unseen_top1"),
         "adaptive": adaptive_table(runs, data["runs"]),
         "stress": stress_table(runs),
         "stress_budget": budget_table(runs, VARIANTS, "stress_budget"),
@@ -259,7 +260,8 @@ RESULT_PAGES = {
         "ablation": "Ablation", "ablation_no_bias_correction": "Ablation with `bias_correction: false`",
         "ppoq": "PPOQ on the outlier variants", "bias_correction": "Bias correction",
         "qkv_grid": "q/k/v grid error", "compiled": "Compiled iterations",
-        "mixed": "Mixed precision", "adaptive": "Adaptive budget", "stress": "Outlier variants", "stress_budget": "Outlier variants by budget",
+        "mixed": "Mixed precision",
+        "mixed_unseen": "Mixed precision on the unseen training images", "adaptive": "Adaptive budget", "stress": "Outlier variants", "stress_budget": "Outlier variants by budget",
         "timing": "Calibration time and memory"}),
     "speed.md": ("Calibration speed at real sizes", {
         "calibration_time": "In one line", "speed_cpu": "CPU", "speed_gpu": "GPU", "cuda_graphs": "CUDA graphs"}),

@@ -32,8 +32,9 @@ RESULT_PREFIX = "BENCH_RESULT "
 #: cell and seed done on a GPU machine and merged in is not run again on the CPU, nor counted twice.
 KEY_FIELDS = ("model", "preset", "w_bits", "a_bits", "changes", "tag", "iters", "batch_size", "num_calib", "num_val",
               "seed", "threads", "weights")
-#: the calibration seeds whose images the ``unseen`` scoring set leaves out
-UNSEEN_SEEDS = range(10)
+#: the calibration seeds, at 1,024 images each, whose images the ``unseen`` scoring set leaves out: a fixed set,
+#: whatever a spec's own ``num_calib``
+UNSEEN_SEEDS, UNSEEN_NUM_CALIB = range(10), 1024
 
 
 def spec_key(spec: dict) -> str:
@@ -116,7 +117,8 @@ def calibration_and_scoring(spec: dict) -> tuple:
         else train_idx[:0]
     sets = {"val": (data.images[val_idx[:num_val]], data.labels[val_idx[:num_val]])}
     if spec.get("unseen"):
-        drawn = torch.cat([calibration_indices(data.labels, 1024, s, candidates=train_idx) for s in UNSEEN_SEEDS])
+        drawn = torch.cat([calibration_indices(data.labels, UNSEEN_NUM_CALIB, s, candidates=train_idx)
+                           for s in UNSEEN_SEEDS])
         unseen = train_idx[~torch.isin(train_idx, drawn)]
         sets["unseen"] = data.images[unseen], data.labels[unseen]
     return data.images[calib], sets

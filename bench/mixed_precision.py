@@ -7,7 +7,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from tables import (ACC, MODELS, RECIPE_ITERS, VARIANTS, about, accuracy_runs, by_seed, cell, load, mean,
-                    mean_std, model_figure, paired, pick, save_figure, signed, table)
+                    mean_std, model_figure, paired, pick, save_figure, seed_counts, signed, table)
 
 #: the budgets measured, by tag: (BitBudget fields, the uniform width it is set against)
 BUDGETS = {
@@ -44,12 +44,8 @@ def mixed_table(runs: list[dict], field: str = "top1") -> list[str]:
                 gap = f"{100 * (mean(mixed, field) - mean(low, field)) / (mean(high, field) - mean(low, field)):.0f} %"
             cost = [r["allocation_seconds"] / (r["calib_seconds"] - r["allocation_seconds"]) for r in mixed
                     if r.get("allocation_seconds")]
-            kl = paired(high, mixed, "kl_to_fp")
-            if kl is not None:
-                relative = [100 * x / mean(high, "kl_to_fp") for x in kl[:2]]
-                kl = f"{relative[0]:+.0f} %".replace("-", "−") + (f" ({relative[1]:.0f})" if kl[2] > 1 else "")
             rows.append([f"`{model}`", label, str(len(mixed)), cell(low, field), cell(mixed, field),
-                         cell(high, field), _difference(d_low), _difference(d_high), gap, kl or "–",
+                         cell(high, field), _difference(d_low), _difference(d_high), gap, _kl_change(high, mixed),
                          f"{100 * sum(cost) / len(cost):.0f} %" if cost else "–"])
     lines = table(["model", "budget", "seeds", "uniform W3A3", "mixed", "uniform W4A4", "Δ to W3A3 (seed SE)",
                    "Δ to W4A4 (seed SE)", "W3A3 → W4A4 gap recovered", "KL to FP32 against W4A4 (val)",
@@ -59,19 +55,28 @@ def mixed_table(runs: list[dict], field: str = "top1") -> list[str]:
         fp = ", ".join(f"{m} {mean(pick(runs, m, 'fp'), field):.2f}" for m in MODELS if pick(runs, m, "fp"))
         return lines + ["", about(f"{ACC} --groups budget --bits 3 4 --budget-iters 1000 --seeds 0 1 2 --unseen "
                                   "--models vit_cifar", used,
-                                  "-".join(sorted({str(len(c)) for c in counts})) or "–",
+                                  seed_counts(counts),
                                   "Mixed runs: the mixed-precision command with `--unseen --models vit_cifar`. "
                                   "Top-1 on the 35,746 training-part images no calibration seed 0-9 "
                                   f"draws (FP32 there: {fp}); the 5,000 validation images, above.")]
     return lines + ["", about(f"{ACC} --groups budget --bits 4 --budget-iters 1000 --seeds 0 1 2 --changes "
                               "'{\"bit_budget\": {\"w_bits\": 3.5, \"a_bits\": 3.5}}' --tag mixed_3.5", used,
-                              "-".join(sorted({str(len(c)) for c in counts})) or "–",
+                              seed_counts(counts),
                               "The other budgets: the same command with their `bit_budget` and tag (`mixed_4.0`; "
                               "`mixed_3.0_2bit` with `\"candidates\": [2, 3, 4, 6, 8]`); the outlier variants: "
                               "`--groups stress_budget`. Uniform runs: the default "
                               "recipe at 1,000 it/module on the same seeds; Δ: the paired difference with its "
                               "standard error over seeds; KL: the paired change of the mean KL(FP32 ‖ quantized) of "
                               "the logits on the validation images, relative to uniform W4A4's.")]
+
+
+def _kl_change(uniform: list[dict], mixed: list[dict]) -> str:
+    """The paired change of KL to FP32 from ``uniform`` to ``mixed``, relative to uniform's, with its seed SE."""
+    d = paired(uniform, mixed, "kl_to_fp")
+    if d is None:
+        return "–"
+    change, se = (100 * x / mean(uniform, "kl_to_fp") for x in d[:2])
+    return f"{change:+.0f} %".replace("-", "−") + (f" ({se:.0f})" if d[2] > 1 else "")
 
 
 def _difference(d) -> str:
